@@ -1,0 +1,626 @@
+//! The site file: what is installed, how it is wired, and the limits it must keep.
+//!
+//! Parsing is strict (`deny_unknown_fields`) and every error, from a YAML syntax slip to a
+//! topology rule of the vendor's wiring guide, names `file:line:col` and how to fix it.
+
+mod locate;
+mod validate;
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use locate::{Locator, PathSeg};
+
+/// A whole site file, as written by the installer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    pub site: SiteInfo,
+    pub grid: GridConfig,
+    pub export_limit: ExportLimitConfig,
+    #[serde(default)]
+    pub import_limit: Option<ImportLimitConfig>,
+    #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
+    pub working_mode: WorkingModeConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    pub links: Vec<LinkConfig>,
+    pub meters: Vec<MeterConfig>,
+    pub inverters: Vec<InverterConfig>,
+    #[serde(default)]
+    pub simulation: SimulationConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteInfo {
+    pub name: String,
+    /// IANA name, e.g. `Europe/London`; time-of-use windows are read in it.
+    pub timezone: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridConfig {
+    /// 1 or 3.
+    pub phases: u8,
+    #[serde(default = "default_nominal_voltage")]
+    pub nominal_voltage_v: f64,
+}
+
+fn default_nominal_voltage() -> f64 {
+    230.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitMode {
+    /// Sum of all phases.
+    TotalPower,
+    /// Every phase's current, in A.
+    PhaseCurrent,
+    /// Every phase's power, in W.
+    PhasePower,
+}
+
+impl LimitMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitMode::TotalPower => "total_power",
+            LimitMode::PhaseCurrent => "phase_current",
+            LimitMode::PhasePower => "phase_power",
+        }
+    }
+}
+
+/// The export limit of the grid connection agreement. Exactly one of `limit_w` (power modes)
+/// or `limit_a` (`phase_current`) is given.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportLimitConfig {
+    pub mode: LimitMode,
+    #[serde(default)]
+    pub limit_w: Option<f64>,
+    #[serde(default)]
+    pub limit_a: Option<f64>,
+}
+
+/// Import limit (main fuse or peak shaving); same modes as the export limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportLimitConfig {
+    pub mode: LimitMode,
+    #[serde(default)]
+    pub limit_w: Option<f64>,
+    #[serde(default)]
+    pub limit_a: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    #[serde(default = "default_cycle_ms")]
+    pub cycle_ms: u64,
+    /// Grid meter silent for longer than this: every inverter goes to the safe state.
+    #[serde(default = "default_fail_safe_after_s")]
+    pub fail_safe_after_s: f64,
+    /// A device whose last good read is older than this is stale.
+    #[serde(default = "default_stale_after_s")]
+    pub stale_after_s: f64,
+}
+
+fn default_cycle_ms() -> u64 {
+    1000
+}
+fn default_fail_safe_after_s() -> f64 {
+    2.0
+}
+fn default_stale_after_s() -> f64 {
+    3.0
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            cycle_ms: default_cycle_ms(),
+            fail_safe_after_s: default_fail_safe_after_s(),
+            stale_after_s: default_stale_after_s(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkingMode {
+    #[default]
+    SelfConsumption,
+    TimeOfUse,
+    Backup,
+    /// Follow the optimiser's plan; self-consumption where it is silent.
+    Plan,
+}
+
+impl WorkingMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkingMode::SelfConsumption => "self_consumption",
+            WorkingMode::TimeOfUse => "time_of_use",
+            WorkingMode::Backup => "backup",
+            WorkingMode::Plan => "plan",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingModeConfig {
+    #[serde(default)]
+    pub mode: WorkingMode,
+    /// Charge and discharge windows for `time_of_use`.
+    #[serde(default)]
+    pub periods: Vec<TouPeriod>,
+    /// Back-up reserve: below it the batteries only charge.
+    #[serde(default)]
+    pub reserve_soc_pct: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TouKind {
+    Charge,
+    Discharge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TouPeriod {
+    pub kind: TouKind,
+    /// Empty means every day.
+    #[serde(default)]
+    pub days: Vec<Weekday>,
+    /// `HH:MM` in the site timezone.
+    pub start: String,
+    /// `HH:MM`; an end before the start wraps past midnight.
+    pub end: String,
+    /// Fleet battery power in the window; the fleet's rating when absent.
+    #[serde(default)]
+    pub power_w: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_string()
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkKind {
+    /// Modbus TCP over the LAN.
+    Tcp,
+    /// Modbus RTU on an RS485 A/B pair.
+    Rtu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+/// One transport: a TCP endpoint or one RS485 pair. Every link gets its own task that
+/// serialises its requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: LinkKind,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub device: Option<String>,
+    #[serde(default)]
+    pub baud: Option<u32>,
+    #[serde(default)]
+    pub parity: Parity,
+    #[serde(default)]
+    pub stop_bits: Option<u8>,
+    /// Per-request timeout.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+impl LinkConfig {
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms.unwrap_or(match self.kind {
+            LinkKind::Tcp => 500,
+            LinkKind::Rtu => 1000,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MeterRole {
+    /// At the grid connection point (Modbus address 1).
+    Grid,
+    /// On the AC-coupled solar inverter's output (Modbus address 2).
+    Pv,
+}
+
+impl MeterRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeterRole::Grid => "grid",
+            MeterRole::Pv => "pv",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MeterModel {
+    /// Chint three-phase.
+    Dtsu666,
+    /// Chint single-phase.
+    Ddsu666,
+}
+
+impl MeterModel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeterModel::Dtsu666 => "dtsu666",
+            MeterModel::Ddsu666 => "ddsu666",
+        }
+    }
+    pub fn phases(self) -> u8 {
+        match self {
+            MeterModel::Dtsu666 => 3,
+            MeterModel::Ddsu666 => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeterConfig {
+    pub id: String,
+    pub role: MeterRole,
+    pub model: MeterModel,
+    pub link: String,
+    pub unit_id: u8,
+    /// The CT or meter is wired backwards: flip the sign of its power.
+    #[serde(default)]
+    pub invert: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum InverterModel {
+    #[serde(rename = "saj-h2")]
+    SajH2,
+    #[serde(rename = "saj-hs2")]
+    SajHs2,
+    #[serde(rename = "saj-hs3")]
+    SajHs3,
+}
+
+impl InverterModel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InverterModel::SajH2 => "saj-h2",
+            InverterModel::SajHs2 => "saj-hs2",
+            InverterModel::SajHs3 => "saj-hs3",
+        }
+    }
+}
+
+/// A grid phase. Single-phase grids use L1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+pub enum Phase {
+    L1,
+    L2,
+    L3,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 3] = [Phase::L1, Phase::L2, Phase::L3];
+    pub fn index(self) -> usize {
+        match self {
+            Phase::L1 => 0,
+            Phase::L2 => 1,
+            Phase::L3 => 2,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::L1 => "L1",
+            Phase::L2 => "L2",
+            Phase::L3 => "L3",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatteryConfig {
+    pub capacity_wh: f64,
+    pub max_charge_w: f64,
+    pub max_discharge_w: f64,
+    #[serde(default = "default_efficiency")]
+    pub charge_efficiency: f64,
+    #[serde(default = "default_efficiency")]
+    pub discharge_efficiency: f64,
+    #[serde(default = "default_soc_min")]
+    pub soc_min_pct: f64,
+    #[serde(default = "default_soc_max")]
+    pub soc_max_pct: f64,
+}
+
+fn default_efficiency() -> f64 {
+    0.95
+}
+fn default_soc_min() -> f64 {
+    10.0
+}
+fn default_soc_max() -> f64 {
+    100.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InverterConfig {
+    pub id: String,
+    pub model: InverterModel,
+    pub rated_power_w: f64,
+    /// 3 for a three-phase unit; single-phase units name their `phase` instead.
+    #[serde(default)]
+    pub phases: Option<u8>,
+    #[serde(default)]
+    pub phase: Option<Phase>,
+    pub link: String,
+    pub unit_id: u8,
+    pub battery: BatteryConfig,
+}
+
+impl InverterConfig {
+    /// The phases this unit feeds. Validation guarantees `phases`/`phase` agree with the grid.
+    pub fn ac_phases(&self) -> Vec<Phase> {
+        if self.phases == Some(3) {
+            Phase::ALL.to_vec()
+        } else {
+            vec![self.phase.unwrap_or(Phase::L1)]
+        }
+    }
+}
+
+/// Knobs for `--simulate` and `ems simulate`; ignored on a real site.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulationConfig {
+    /// Simulated seconds per real second.
+    #[serde(default = "default_time_factor")]
+    pub time_factor: f64,
+    /// Local start time `YYYY-MM-DDTHH:MM` in the site timezone; now when absent.
+    #[serde(default)]
+    pub start: Option<String>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Site load, split over the phases by `load_phase_shares`.
+    #[serde(default = "default_base_load")]
+    pub base_load_w: f64,
+    #[serde(default = "default_peak_load")]
+    pub peak_load_w: f64,
+    #[serde(default = "default_phase_shares")]
+    pub load_phase_shares: [f64; 3],
+    #[serde(default = "default_noise")]
+    pub load_noise_pct: f64,
+    /// DC PV peak per inverter, as a fraction of its rating.
+    #[serde(default = "default_pv_ratio")]
+    pub pv_peak_ratio: f64,
+    /// AC-coupled solar inverter behind the PV meter.
+    #[serde(default)]
+    pub ac_pv_peak_w: f64,
+    #[serde(default = "default_initial_soc")]
+    pub initial_soc_pct: f64,
+    /// How fast simulated firmware moves towards its setpoint, in % of rated per second.
+    #[serde(default = "default_ramp")]
+    pub ramp_pct_per_s: f64,
+}
+
+fn default_time_factor() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    1
+}
+fn default_base_load() -> f64 {
+    3000.0
+}
+fn default_peak_load() -> f64 {
+    9000.0
+}
+fn default_phase_shares() -> [f64; 3] {
+    [0.4, 0.35, 0.25]
+}
+fn default_noise() -> f64 {
+    3.0
+}
+fn default_pv_ratio() -> f64 {
+    0.8
+}
+fn default_initial_soc() -> f64 {
+    50.0
+}
+fn default_ramp() -> f64 {
+    50.0
+}
+
+impl Default for SimulationConfig {
+    fn default() -> Self {
+        SimulationConfig {
+            time_factor: default_time_factor(),
+            start: None,
+            seed: default_seed(),
+            base_load_w: default_base_load(),
+            peak_load_w: default_peak_load(),
+            load_phase_shares: default_phase_shares(),
+            load_noise_pct: default_noise(),
+            pv_peak_ratio: default_pv_ratio(),
+            ac_pv_peak_w: 0.0,
+            initial_soc_pct: default_initial_soc(),
+            ramp_pct_per_s: default_ramp(),
+        }
+    }
+}
+
+/// One problem in a site file, located and explained.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+    pub hint: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}\n  fix: {}",
+            self.file, self.line, self.col, self.message, self.hint
+        )
+    }
+}
+
+/// Every problem found in one file, in file order.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl SiteConfig {
+    /// Read, parse and validate a site file.
+    pub fn load(path: &Path) -> Result<SiteConfig, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                line: 1,
+                col: 1,
+                message: format!("cannot read the site file: {e}"),
+                hint: "check the path and the file's permissions".into(),
+            }])
+        })?;
+        SiteConfig::from_str(&file, &text)
+    }
+
+    /// Parse and validate site-file text; `file` names it in errors.
+    pub fn from_str(file: &str, text: &str) -> Result<SiteConfig, ConfigErrors> {
+        let config: SiteConfig = serde_yaml::from_str(text).map_err(|e| {
+            let (line, col) = e
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((1, 1));
+            let message = e.to_string();
+            // serde_yaml appends " at line X column Y"; we print the location in front instead.
+            let message = match message.find(" at line ") {
+                Some(i) => message[..i].to_string(),
+                None => message,
+            };
+            ConfigErrors(vec![ConfigError {
+                file: file.to_string(),
+                line,
+                col,
+                hint: parse_hint(&message),
+                message,
+            }])
+        })?;
+        let locator = Locator::new(text);
+        let mut errors = validate::validate(&config, &locator, file);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            errors.sort_by_key(|e| (e.line, e.col));
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    pub fn link(&self, name: &str) -> Option<&LinkConfig> {
+        self.links.iter().find(|l| l.name == name)
+    }
+
+    pub fn grid_meter(&self) -> Option<&MeterConfig> {
+        self.meters.iter().find(|m| m.role == MeterRole::Grid)
+    }
+
+    pub fn phases(&self) -> Vec<Phase> {
+        if self.grid.phases == 3 {
+            Phase::ALL.to_vec()
+        } else {
+            vec![Phase::L1]
+        }
+    }
+}
+
+fn parse_hint(message: &str) -> String {
+    if message.contains("unknown field") {
+        "remove the field or correct its spelling; the message lists the fields allowed here".into()
+    } else if message.contains("missing field") {
+        "add the field named in the message".into()
+    } else if message.contains("unknown variant") {
+        "use one of the values the message lists".into()
+    } else if message.contains("invalid type") {
+        "give a value of the type the message expects (numbers without quotes, lists with '-')"
+            .into()
+    } else {
+        "correct the YAML at this position (indentation, a missing ':' or an unclosed quote)".into()
+    }
+}

@@ -1,0 +1,685 @@
+//! Rules a parsed site file must satisfy: value ranges, references between sections, and
+//! the wiring rules of SAJ's configuration guide (DESIGN.md §1).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+
+use super::{
+    ConfigError, LimitMode, LinkKind, Locator, MeterRole, PathSeg, SiteConfig, WorkingMode,
+};
+use crate::path;
+
+/// Most inverters one EMS controls over the LAN.
+pub const MAX_LAN_INVERTERS: usize = 10;
+/// Most inverters on the EMS's RS485 pairs together.
+pub const MAX_RS485_INVERTERS: usize = 6;
+/// Most inverters on one RS485 A/B pair.
+pub const MAX_PER_RS485_PAIR: usize = 2;
+/// RS485 A/B pairs on the EMS.
+pub const MAX_RS485_PAIRS: usize = 3;
+/// Grid-side meter address, fixed by the vendor.
+pub const GRID_METER_ADDRESS: u8 = 1;
+/// PV/AC-coupled-side meter address, fixed by the vendor.
+pub const PV_METER_ADDRESS: u8 = 2;
+
+const BAUD_RATES: [u32; 8] = [1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200];
+
+struct Report<'a> {
+    file: &'a str,
+    locator: &'a Locator,
+    errors: Vec<ConfigError>,
+}
+
+impl Report<'_> {
+    fn err(&mut self, at: Vec<PathSeg>, message: impl Into<String>, hint: impl Into<String>) {
+        let (line, col) = self.locator.locate(&at);
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line,
+            col,
+            message: message.into(),
+            hint: hint.into(),
+        });
+    }
+}
+
+pub fn validate(c: &SiteConfig, locator: &Locator, file: &str) -> Vec<ConfigError> {
+    let mut r = Report {
+        file,
+        locator,
+        errors: Vec::new(),
+    };
+    site_and_grid(c, &mut r);
+    limits(c, &mut r);
+    control_and_mode(c, &mut r);
+    links(c, &mut r);
+    meters(c, &mut r);
+    inverters(c, &mut r);
+    topology(c, &mut r);
+    r.errors
+}
+
+fn site_and_grid(c: &SiteConfig, r: &mut Report) {
+    if c.site.name.trim().is_empty() {
+        r.err(
+            path!["site", "name"],
+            "site name is empty",
+            "give the site a name",
+        );
+    }
+    if c.site.timezone.parse::<chrono_tz::Tz>().is_err() {
+        r.err(
+            path!["site", "timezone"],
+            format!("unknown timezone `{}`", c.site.timezone),
+            "use an IANA timezone name such as Europe/London or Australia/Sydney",
+        );
+    }
+    if c.grid.phases != 1 && c.grid.phases != 3 {
+        r.err(
+            path!["grid", "phases"],
+            format!("grid phases must be 1 or 3, not {}", c.grid.phases),
+            "set `phases: 1` for a single-phase connection or `phases: 3` for three-phase",
+        );
+    }
+    if !(100.0..=480.0).contains(&c.grid.nominal_voltage_v) {
+        r.err(
+            path!["grid", "nominal_voltage_v"],
+            format!(
+                "nominal voltage {} V is outside 100–480 V",
+                c.grid.nominal_voltage_v
+            ),
+            "give the phase-to-neutral voltage, e.g. 230",
+        );
+    }
+}
+
+fn check_limit(
+    r: &mut Report,
+    section: &str,
+    mode: LimitMode,
+    limit_w: Option<f64>,
+    limit_a: Option<f64>,
+) {
+    match mode {
+        LimitMode::TotalPower | LimitMode::PhasePower => {
+            match limit_w {
+                None => r.err(
+                    path![section],
+                    format!("{section} mode `{}` needs `limit_w`", mode.as_str()),
+                    "add `limit_w: <watts>` (0 means no export)",
+                ),
+                Some(w) if !(0.0..=1.0e7).contains(&w) || w.is_nan() => r.err(
+                    path![section, "limit_w"],
+                    format!("limit_w {w} is out of range"),
+                    "give a power between 0 and 10 000 000 W",
+                ),
+                _ => {}
+            }
+            if limit_a.is_some() {
+                r.err(
+                    path![section, "limit_a"],
+                    format!("`limit_a` does not apply to mode `{}`", mode.as_str()),
+                    "remove `limit_a`, or use `mode: phase_current`",
+                );
+            }
+        }
+        LimitMode::PhaseCurrent => {
+            match limit_a {
+                None => r.err(
+                    path![section],
+                    format!("{section} mode `phase_current` needs `limit_a`"),
+                    "add `limit_a: <amperes per phase>`",
+                ),
+                Some(a) if !(0.0..=10_000.0).contains(&a) || a.is_nan() => r.err(
+                    path![section, "limit_a"],
+                    format!("limit_a {a} is out of range"),
+                    "give a current between 0 and 10 000 A",
+                ),
+                _ => {}
+            }
+            if limit_w.is_some() {
+                r.err(
+                    path![section, "limit_w"],
+                    "`limit_w` does not apply to mode `phase_current`",
+                    "remove `limit_w`, or use `mode: total_power` or `phase_power`",
+                );
+            }
+        }
+    }
+}
+
+fn limits(c: &SiteConfig, r: &mut Report) {
+    let e = &c.export_limit;
+    check_limit(r, "export_limit", e.mode, e.limit_w, e.limit_a);
+    if let Some(i) = &c.import_limit {
+        check_limit(r, "import_limit", i.mode, i.limit_w, i.limit_a);
+    }
+}
+
+/// `HH:MM`, 00:00–23:59, or 24:00 for the end of the day.
+pub fn parse_hhmm(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let h: u32 = h.parse().ok()?;
+    let m: u32 = m.parse().ok()?;
+    if (h < 24 && m < 60) || (h == 24 && m == 0) {
+        Some(h * 60 + m)
+    } else {
+        None
+    }
+}
+
+fn control_and_mode(c: &SiteConfig, r: &mut Report) {
+    if !(200..=10_000).contains(&c.control.cycle_ms) {
+        r.err(
+            path!["control", "cycle_ms"],
+            format!(
+                "control cycle {} ms is outside 200–10000 ms",
+                c.control.cycle_ms
+            ),
+            "use 1000 (the default) or any value from 200 to 10000",
+        );
+    }
+    // G100: export must be back under the limit within 5 s of losing the meter.
+    if !(0.2..=4.0).contains(&c.control.fail_safe_after_s) {
+        r.err(
+            path!["control", "fail_safe_after_s"],
+            format!(
+                "fail_safe_after_s {} is outside 0.2–4 s",
+                c.control.fail_safe_after_s
+            ),
+            "the site must be safe within 5 s of the last meter reading; use 2 (the default)",
+        );
+    }
+    if !(0.2..=60.0).contains(&c.control.stale_after_s) {
+        r.err(
+            path!["control", "stale_after_s"],
+            format!(
+                "stale_after_s {} is outside 0.2–60 s",
+                c.control.stale_after_s
+            ),
+            "use 3 (the default)",
+        );
+    }
+    let w = &c.working_mode;
+    if w.mode == WorkingMode::TimeOfUse && w.periods.is_empty() {
+        r.err(
+            path!["working_mode", "mode"],
+            "mode `time_of_use` has no charge or discharge periods",
+            "add `periods:` with `kind`, `start` and `end` for each window",
+        );
+    }
+    for (i, p) in w.periods.iter().enumerate() {
+        for (field, value) in [("start", &p.start), ("end", &p.end)] {
+            if parse_hhmm(value).is_none() {
+                r.err(
+                    path!["working_mode", "periods", i, field],
+                    format!("`{value}` is not a time of day"),
+                    "write times as HH:MM in the site timezone, e.g. 01:30",
+                );
+            }
+        }
+        if let Some(pw) = p.power_w {
+            if pw.is_nan() || pw <= 0.0 {
+                r.err(
+                    path!["working_mode", "periods", i, "power_w"],
+                    format!("period power {pw} W must be positive"),
+                    "give the fleet battery power for the window in W, or leave it out",
+                );
+            }
+        }
+    }
+    match w.reserve_soc_pct {
+        None if w.mode == WorkingMode::Backup => r.err(
+            path!["working_mode", "mode"],
+            "mode `backup` needs `reserve_soc_pct`",
+            "add `reserve_soc_pct: <percent>`, the SOC kept for outages",
+        ),
+        Some(s) if !(0.0..=100.0).contains(&s) || s.is_nan() => r.err(
+            path!["working_mode", "reserve_soc_pct"],
+            format!("reserve_soc_pct {s} is outside 0–100"),
+            "give a percentage from 0 to 100",
+        ),
+        _ => {}
+    }
+    if c.api.listen.parse::<SocketAddr>().is_err() {
+        r.err(
+            path!["api", "listen"],
+            format!("`{}` is not an address and port", c.api.listen),
+            "write it as IP:PORT, e.g. 127.0.0.1:8080 or 0.0.0.0:8080",
+        );
+    }
+}
+
+fn links(c: &SiteConfig, r: &mut Report) {
+    let mut seen = HashSet::new();
+    for (i, l) in c.links.iter().enumerate() {
+        if l.name.trim().is_empty() {
+            r.err(
+                path!["links", i, "name"],
+                "link name is empty",
+                "name the link",
+            );
+        } else if !seen.insert(l.name.as_str()) {
+            r.err(
+                path!["links", i, "name"],
+                format!("link name `{}` is used twice", l.name),
+                "give every link its own name",
+            );
+        }
+        match l.kind {
+            LinkKind::Tcp => {
+                if l.host.as_deref().unwrap_or("").is_empty() {
+                    r.err(
+                        path!["links", i],
+                        format!("tcp link `{}` has no `host`", l.name),
+                        "add `host: <IP address or name>` (and `port`, default 502)",
+                    );
+                }
+                for (field, present) in [
+                    ("device", l.device.is_some()),
+                    ("baud", l.baud.is_some()),
+                    ("stop_bits", l.stop_bits.is_some()),
+                ] {
+                    if present {
+                        r.err(
+                            path!["links", i, field],
+                            format!("`{field}` does not apply to a tcp link"),
+                            "remove it, or set `type: rtu` for an RS485 pair",
+                        );
+                    }
+                }
+            }
+            LinkKind::Rtu => {
+                if l.device.as_deref().unwrap_or("").is_empty() {
+                    r.err(
+                        path!["links", i],
+                        format!("rtu link `{}` has no `device`", l.name),
+                        "add `device: /dev/ttyUSB0` (the serial port of this RS485 pair)",
+                    );
+                }
+                match l.baud {
+                    None => r.err(
+                        path!["links", i],
+                        format!("rtu link `{}` has no `baud`", l.name),
+                        "add `baud: 9600` (or the rate set on the devices)",
+                    ),
+                    Some(b) if !BAUD_RATES.contains(&b) => r.err(
+                        path!["links", i, "baud"],
+                        format!("baud rate {b} is not one the devices support"),
+                        "use 1200, 2400, 4800, 9600, 19200, 38400, 57600 or 115200",
+                    ),
+                    _ => {}
+                }
+                if let Some(s) = l.stop_bits {
+                    if s != 1 && s != 2 {
+                        r.err(
+                            path!["links", i, "stop_bits"],
+                            format!("stop_bits {s} must be 1 or 2"),
+                            "use 1 (8N1) or 2",
+                        );
+                    }
+                }
+                for (field, present) in [("host", l.host.is_some()), ("port", l.port.is_some())] {
+                    if present {
+                        r.err(
+                            path!["links", i, field],
+                            format!("`{field}` does not apply to an rtu link"),
+                            "remove it, or set `type: tcp` for a LAN device",
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(t) = l.timeout_ms {
+            if !(10..=10_000).contains(&t) {
+                r.err(
+                    path!["links", i, "timeout_ms"],
+                    format!("timeout {t} ms is outside 10–10000 ms"),
+                    "leave it out for the default, or give 10–10000",
+                );
+            }
+        }
+    }
+}
+
+fn unit_id_ok(r: &mut Report, at: Vec<PathSeg>, unit: u8) {
+    if !(1..=247).contains(&unit) {
+        r.err(
+            at,
+            format!("unit id {unit} is outside 1–247"),
+            "use the Modbus address set on the device (1–247)",
+        );
+    }
+}
+
+fn link_ref_ok(c: &SiteConfig, r: &mut Report, at: Vec<PathSeg>, link: &str) {
+    if c.link(link).is_none() {
+        let names: Vec<&str> = c.links.iter().map(|l| l.name.as_str()).collect();
+        r.err(
+            at,
+            format!("no link named `{link}`"),
+            format!(
+                "use one of the links defined under `links:` ({})",
+                names.join(", ")
+            ),
+        );
+    }
+}
+
+fn meters(c: &SiteConfig, r: &mut Report) {
+    let grid_meters: Vec<usize> = (0..c.meters.len())
+        .filter(|&i| c.meters[i].role == MeterRole::Grid)
+        .collect();
+    if grid_meters.is_empty() {
+        r.err(
+            path!["meters"],
+            "no grid meter: the export limit cannot be kept without one",
+            "add a meter with `role: grid` at `unit_id: 1`",
+        );
+    }
+    for (role, found) in [
+        (MeterRole::Grid, grid_meters.len()),
+        (
+            MeterRole::Pv,
+            c.meters.iter().filter(|m| m.role == MeterRole::Pv).count(),
+        ),
+    ] {
+        if found > 1 {
+            let i = c.meters.iter().rposition(|m| m.role == role).unwrap_or(0);
+            r.err(
+                path!["meters", i, "role"],
+                format!(
+                    "{found} meters have role `{}`; a site has one",
+                    role.as_str()
+                ),
+                "keep one grid-side meter and at most one PV-side meter",
+            );
+        }
+    }
+    let grid_phases = c.grid.phases;
+    let first_model = c.meters.first().map(|m| m.model);
+    for (i, m) in c.meters.iter().enumerate() {
+        link_ref_ok(c, r, path!["meters", i, "link"], &m.link);
+        unit_id_ok(r, path!["meters", i, "unit_id"], m.unit_id);
+        let want = match m.role {
+            MeterRole::Grid => GRID_METER_ADDRESS,
+            MeterRole::Pv => PV_METER_ADDRESS,
+        };
+        if m.unit_id != want {
+            r.err(
+                path!["meters", i, "unit_id"],
+                format!(
+                    "the {}-side meter must be at address {want}, not {}",
+                    m.role.as_str(),
+                    m.unit_id
+                ),
+                format!(
+                    "set `unit_id: {want}` (the vendor presets the grid meter to 1 and the PV meter to 2; do not change them)"
+                ),
+            );
+        }
+        if m.model.phases() != grid_phases {
+            r.err(
+                path!["meters", i, "model"],
+                format!(
+                    "a {}-phase meter ({}) on a {}-phase grid",
+                    m.model.phases(),
+                    m.model.as_str(),
+                    grid_phases
+                ),
+                if grid_phases == 3 {
+                    "use `model: dtsu666` on a three-phase grid"
+                } else {
+                    "use `model: ddsu666` on a single-phase grid"
+                },
+            );
+        } else if Some(m.model) != first_model {
+            r.err(
+                path!["meters", i, "model"],
+                "single-phase and three-phase meters are mixed",
+                "use the same meter model for every meter on the site",
+            );
+        }
+    }
+}
+
+fn inverters(c: &SiteConfig, r: &mut Report) {
+    if c.inverters.is_empty() {
+        r.err(
+            path!["inverters"],
+            "no inverters",
+            "list at least one inverter",
+        );
+    }
+    let mut ids: HashSet<&str> = c.meters.iter().map(|m| m.id.as_str()).collect();
+    for (i, inv) in c.inverters.iter().enumerate() {
+        let at = |f: &str| path!["inverters", i, f];
+        if inv.id.trim().is_empty() || !ids.insert(inv.id.as_str()) {
+            r.err(
+                at("id"),
+                format!("device id `{}` is empty or used twice", inv.id),
+                "give every inverter and meter its own id",
+            );
+        }
+        link_ref_ok(c, r, at("link"), &inv.link);
+        unit_id_ok(r, at("unit_id"), inv.unit_id);
+        if !(inv.rated_power_w > 0.0 && inv.rated_power_w <= 100_000.0) {
+            r.err(
+                at("rated_power_w"),
+                format!("rated power {} W is out of range", inv.rated_power_w),
+                "give the nameplate AC power in W, e.g. 10000",
+            );
+        }
+        match (inv.phases, inv.phase) {
+            (Some(3), None) => {
+                if c.grid.phases != 3 {
+                    r.err(
+                        at("phases"),
+                        "a three-phase inverter on a single-phase grid",
+                        "set `grid.phases: 3`, or use a single-phase inverter",
+                    );
+                }
+            }
+            (Some(3), Some(_)) => r.err(
+                at("phase"),
+                "a three-phase inverter does not sit on one phase",
+                "remove `phase`, or remove `phases: 3` for a single-phase unit",
+            ),
+            (None | Some(1), p) => {
+                if c.grid.phases == 3 && p.is_none() {
+                    r.err(
+                        path!["inverters", i],
+                        format!(
+                            "single-phase inverter `{}` on a three-phase grid does not say its phase",
+                            inv.id
+                        ),
+                        "add `phase: L1`, `L2` or `L3`, or `phases: 3` for a three-phase unit",
+                    );
+                }
+                if c.grid.phases == 1 && matches!(p, Some(ph) if ph != super::Phase::L1) {
+                    r.err(
+                        at("phase"),
+                        "a single-phase grid has only L1",
+                        "set `phase: L1` or leave it out",
+                    );
+                }
+            }
+            (Some(n), _) => r.err(
+                at("phases"),
+                format!("phases must be 1 or 3, not {n}"),
+                "use `phases: 3` or name the single `phase`",
+            ),
+        }
+        let b = &inv.battery;
+        let bat = |f: &str| path!["inverters", i, "battery", f];
+        for (field, v) in [
+            ("capacity_wh", b.capacity_wh),
+            ("max_charge_w", b.max_charge_w),
+            ("max_discharge_w", b.max_discharge_w),
+        ] {
+            if v.is_nan() || v <= 0.0 {
+                r.err(
+                    bat(field),
+                    format!("{field} must be positive, not {v}"),
+                    "give the battery's rating from its datasheet",
+                );
+            }
+        }
+        for (field, v) in [
+            ("charge_efficiency", b.charge_efficiency),
+            ("discharge_efficiency", b.discharge_efficiency),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                r.err(
+                    bat(field),
+                    format!("{field} {v} is outside (0, 1]"),
+                    "give a fraction, e.g. 0.95",
+                );
+            }
+        }
+        if !(0.0..=100.0).contains(&b.soc_min_pct) {
+            r.err(
+                bat("soc_min_pct"),
+                format!("soc_min_pct {} is outside 0–100", b.soc_min_pct),
+                "give a percentage",
+            );
+        }
+        if !(0.0..=100.0).contains(&b.soc_max_pct) || b.soc_max_pct <= b.soc_min_pct {
+            r.err(
+                bat("soc_max_pct"),
+                format!(
+                    "soc_max_pct {} must be above soc_min_pct {} and at most 100",
+                    b.soc_max_pct, b.soc_min_pct
+                ),
+                "e.g. soc_min_pct: 10, soc_max_pct: 100",
+            );
+        }
+    }
+}
+
+fn topology(c: &SiteConfig, r: &mut Report) {
+    let kind_of = |link: &str| c.link(link).map(|l| l.kind);
+    let lan: Vec<usize> = (0..c.inverters.len())
+        .filter(|&i| kind_of(&c.inverters[i].link) == Some(LinkKind::Tcp))
+        .collect();
+    let rs485: Vec<usize> = (0..c.inverters.len())
+        .filter(|&i| kind_of(&c.inverters[i].link) == Some(LinkKind::Rtu))
+        .collect();
+    if lan.len() > MAX_LAN_INVERTERS {
+        r.err(
+            path!["inverters", lan[MAX_LAN_INVERTERS]],
+            format!(
+                "{} inverters on the LAN; one EMS controls at most {MAX_LAN_INVERTERS}",
+                lan.len()
+            ),
+            "split the site between two EMS units, or remove inverters",
+        );
+    }
+    if rs485.len() > MAX_RS485_INVERTERS {
+        r.err(
+            path!["inverters", rs485[MAX_RS485_INVERTERS]],
+            format!(
+                "{} inverters on RS485; the EMS takes at most {MAX_RS485_INVERTERS} (three pairs of two)",
+                rs485.len()
+            ),
+            "move inverters to the LAN, or split the site",
+        );
+    }
+    if lan.len() + rs485.len() > MAX_LAN_INVERTERS
+        && lan.len() <= MAX_LAN_INVERTERS
+        && rs485.len() <= MAX_RS485_INVERTERS
+    {
+        r.err(
+            path!["inverters", MAX_LAN_INVERTERS],
+            format!(
+                "{} inverters in all; one EMS controls at most {MAX_LAN_INVERTERS}",
+                lan.len() + rs485.len()
+            ),
+            "split the site between two EMS units",
+        );
+    }
+
+    // Per RS485 pair: at most two inverters, all of one model.
+    let mut pairs: Vec<&str> = Vec::new();
+    let mut per_pair: HashMap<&str, Vec<usize>> = HashMap::new();
+    for &i in &rs485 {
+        let link = c.inverters[i].link.as_str();
+        if !pairs.contains(&link) {
+            pairs.push(link);
+        }
+        per_pair.entry(link).or_default().push(i);
+    }
+    if pairs.len() > MAX_RS485_PAIRS {
+        let i = per_pair[pairs[MAX_RS485_PAIRS]][0];
+        r.err(
+            path!["inverters", i, "link"],
+            format!(
+                "inverters on {} RS485 pairs; the EMS has {MAX_RS485_PAIRS}",
+                pairs.len()
+            ),
+            "put at most two inverters on each of three pairs",
+        );
+    }
+    for link in &pairs {
+        let members = &per_pair[link];
+        if members.len() > MAX_PER_RS485_PAIR {
+            r.err(
+                path!["inverters", members[MAX_PER_RS485_PAIR], "link"],
+                format!(
+                    "{} inverters on RS485 pair `{link}`; a pair takes at most {MAX_PER_RS485_PAIR}",
+                    members.len()
+                ),
+                "move this inverter to another pair (the EMS has three)",
+            );
+        }
+        let model = c.inverters[members[0]].model;
+        if let Some(&odd) = members.iter().find(|&&i| c.inverters[i].model != model) {
+            r.err(
+                path!["inverters", odd, "model"],
+                format!(
+                    "RS485 pair `{link}` mixes {} and {}",
+                    model.as_str(),
+                    c.inverters[odd].model.as_str()
+                ),
+                "put only inverters of one type on a pair",
+            );
+        }
+    }
+
+    // Unit ids are addresses on a link: two devices cannot share one.
+    let mut taken: HashMap<(&str, u8), String> = HashMap::new();
+    let devices = c
+        .meters
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            (
+                path!["meters", i, "unit_id"],
+                m.link.as_str(),
+                m.unit_id,
+                &m.id,
+            )
+        })
+        .chain(c.inverters.iter().enumerate().map(|(i, v)| {
+            (
+                path!["inverters", i, "unit_id"],
+                v.link.as_str(),
+                v.unit_id,
+                &v.id,
+            )
+        }));
+    for (at, link, unit, id) in devices {
+        if let Some(first) = taken.get(&(link, unit)) {
+            r.err(
+                at,
+                format!("unit id {unit} on link `{link}` is already used by `{first}`"),
+                "give every device on a link its own Modbus address",
+            );
+        } else {
+            taken.insert((link, unit), id.clone());
+        }
+    }
+}
