@@ -3,5 +3,13 @@
 //! The crate is split into a functional core (config, drivers' decoding, site physics of the
 //! simulator) and an I/O shell (Modbus links, the poller, the HTTP API).
 
+pub mod api;
+pub mod clock;
 pub mod config;
 pub mod drivers;
+pub mod link;
+pub mod metrics;
+pub mod poll;
+pub mod run;
+pub mod sim;
+pub mod status;

@@ -1,11 +1,14 @@
 //! `ems`: check a site file, run the EMS (against real devices or a simulated site), or
 //! serve a simulated site for other tools.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use site_ems::clock::{Clock, SystemClock};
 use site_ems::config::SiteConfig;
+use site_ems::sim::SimSite;
 
 #[derive(Parser)]
 #[command(
@@ -25,12 +28,61 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Run the EMS for a site.
+    Run {
+        file: PathBuf,
+        /// Start a simulated site in-process on loopback and run against it.
+        #[arg(long)]
+        simulate: bool,
+        /// API listen address, overriding the site file's `api.listen` (port 0: any free port).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Serve a site's devices as simulated Modbus TCP slaves on loopback.
+    Simulate {
+        file: PathBuf,
+        /// Serve device k (meters, then inverters, in file order) on port BASE+k.
+        #[arg(long)]
+        port_base: Option<u16>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Check { files } => check(&files),
+    if let Command::Check { files } = &cli.command {
+        return check(files);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ems: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run {
+                file,
+                simulate,
+                listen,
+            } => run(&file, simulate, listen).await,
+            Command::Simulate { file, port_base } => simulate(&file, port_base).await,
+            Command::Check { .. } => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ems: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -56,4 +108,74 @@ fn check(files: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn load(file: &Path) -> Result<SiteConfig, String> {
+    SiteConfig::load(file).map_err(|e| format!("invalid site file\n{e}"))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn run(file: &Path, simulate: bool, listen: Option<String>) -> Result<(), String> {
+    let config = load(file)?;
+    let listen = listen.unwrap_or_else(|| config.api.listen.clone());
+    let (config, clock, _sim): (SiteConfig, Arc<dyn Clock>, Option<SimSite>) = if simulate {
+        let sim = SimSite::start(&config)
+            .await
+            .map_err(|e| format!("cannot start the simulated site: {e}"))?;
+        for (id, unit, addr) in sim.device_units() {
+            tracing::info!("simulated {id} (unit {unit}) at {addr}");
+        }
+        (sim.rewire(&config), sim.clock(), Some(sim))
+    } else {
+        (config, Arc::new(SystemClock), None)
+    };
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    // Scripts and tests read this line to find the API when port 0 was asked for.
+    println!("ems: api listening on http://{addr}");
+    tracing::info!(
+        "site {} running: {} inverters, {} meters, cycle {} ms",
+        config.site.name,
+        config.inverters.len(),
+        config.meters.len(),
+        config.control.cycle_ms
+    );
+    site_ems::run::serve(config, listener, clock, shutdown_signal())
+        .await
+        .map_err(|e| format!("api server failed: {e}"))
+}
+
+async fn simulate(file: &Path, port_base: Option<u16>) -> Result<(), String> {
+    let config = load(file)?;
+    let sim = SimSite::start_on(&config, port_base)
+        .await
+        .map_err(|e| format!("cannot start the simulated site: {e}"))?;
+    for (id, unit, addr) in sim.device_units() {
+        println!("simulated {id}: modbus tcp {addr} unit {unit}");
+    }
+    shutdown_signal().await;
+    Ok(())
 }

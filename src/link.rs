@@ -1,0 +1,278 @@
+//! Modbus links: one task per transport (a TCP endpoint or an RS485 pair) that owns the
+//! connection and serialises requests, so there is never more than one in flight per link.
+//! Each request has a timeout; a link that cannot connect backs off before trying again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{timeout, Instant};
+use tokio_modbus::client::{Context, Reader, Writer};
+use tokio_modbus::prelude::SlaveContext;
+use tokio_modbus::{ExceptionCode, Slave};
+
+use crate::config::{LinkConfig, LinkKind, Parity};
+use crate::drivers::{ReadBlock, Table};
+use crate::metrics::Metrics;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LinkError {
+    #[error("no answer within {0} ms")]
+    Timeout(u64),
+    #[error("Modbus exception {0:#04x}")]
+    Exception(u8),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("transport error: {0}")]
+    Transport(String),
+    #[error("link task stopped")]
+    Closed,
+}
+
+impl LinkError {
+    /// Bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LinkError::Timeout(_) => "timeout",
+            LinkError::Exception(_) => "exception",
+            LinkError::Connect(_) => "connect",
+            LinkError::Transport(_) => "transport",
+            LinkError::Closed => "closed",
+        }
+    }
+
+    pub fn is_illegal_function(&self) -> bool {
+        *self == LinkError::Exception(u8::from(ExceptionCode::IllegalFunction))
+    }
+
+    pub fn is_illegal_address(&self) -> bool {
+        *self == LinkError::Exception(u8::from(ExceptionCode::IllegalDataAddress))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Read(ReadBlock),
+    Write { addr: u16, value: u16 },
+}
+
+struct Job {
+    device: Arc<str>,
+    unit: u8,
+    op: Op,
+    reply: oneshot::Sender<Result<Vec<u16>, LinkError>>,
+}
+
+/// A handle to a link task. Cloning shares the task.
+#[derive(Clone)]
+pub struct Link {
+    name: Arc<str>,
+    tx: mpsc::Sender<Job>,
+}
+
+impl Link {
+    /// Start the task for `cfg`. It runs until every handle is dropped.
+    pub fn spawn(cfg: &LinkConfig, metrics: Option<Arc<Metrics>>) -> Link {
+        let (tx, rx) = mpsc::channel(64);
+        let name: Arc<str> = Arc::from(cfg.name.as_str());
+        tokio::spawn(run(cfg.clone(), rx, metrics));
+        Link { name, tx }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub async fn read(
+        &self,
+        device: &Arc<str>,
+        unit: u8,
+        block: ReadBlock,
+    ) -> Result<Vec<u16>, LinkError> {
+        self.call(device, unit, Op::Read(block)).await
+    }
+
+    /// FC06 write of one register. Callers pass values already range-checked by the driver.
+    pub async fn write(
+        &self,
+        device: &Arc<str>,
+        unit: u8,
+        addr: u16,
+        value: u16,
+    ) -> Result<(), LinkError> {
+        self.call(device, unit, Op::Write { addr, value })
+            .await
+            .map(|_| ())
+    }
+
+    async fn call(&self, device: &Arc<str>, unit: u8, op: Op) -> Result<Vec<u16>, LinkError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            device: device.clone(),
+            unit,
+            op,
+            reply,
+        };
+        self.tx.send(job).await.map_err(|_| LinkError::Closed)?;
+        rx.await.map_err(|_| LinkError::Closed)?
+    }
+}
+
+/// Reconnect delay after `failures` consecutive failed connects: 0.2 s doubling to 5 s.
+pub fn backoff(failures: u32) -> Duration {
+    let ms = 200u64.saturating_mul(1 << failures.saturating_sub(1).min(5));
+    Duration::from_millis(ms.min(5000))
+}
+
+/// Silence after each RTU transaction: 3.5 character times (11 bits each), and at least
+/// 1.75 ms above 19200 baud, per the Modbus serial-line rule.
+pub fn inter_frame_gap(baud: u32) -> Duration {
+    if baud > 19_200 {
+        Duration::from_micros(1750)
+    } else {
+        Duration::from_secs_f64(3.5 * 11.0 / f64::from(baud.max(1)))
+    }
+}
+
+async fn connect(cfg: &LinkConfig) -> std::io::Result<Context> {
+    match cfg.kind {
+        LinkKind::Tcp => {
+            let host = cfg.host.as_deref().unwrap_or("127.0.0.1");
+            let port = cfg.port.unwrap_or(502);
+            let addr = tokio::net::lookup_host((host, port))
+                .await?
+                .next()
+                .ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address"))
+                })?;
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            Ok(tokio_modbus::client::tcp::attach(stream))
+        }
+        LinkKind::Rtu => {
+            use tokio_serial::SerialPortBuilderExt;
+            let device = cfg.device.as_deref().unwrap_or_default();
+            let port = tokio_serial::new(device, cfg.baud.unwrap_or(9600))
+                .data_bits(tokio_serial::DataBits::Eight)
+                .parity(match cfg.parity {
+                    Parity::None => tokio_serial::Parity::None,
+                    Parity::Even => tokio_serial::Parity::Even,
+                    Parity::Odd => tokio_serial::Parity::Odd,
+                })
+                .stop_bits(if cfg.stop_bits == Some(2) {
+                    tokio_serial::StopBits::Two
+                } else {
+                    tokio_serial::StopBits::One
+                })
+                .open_native_async()
+                .map_err(std::io::Error::other)?;
+            Ok(tokio_modbus::client::rtu::attach(port))
+        }
+    }
+}
+
+async fn execute(ctx: &mut Context, op: Op) -> tokio_modbus::Result<Vec<u16>> {
+    match op {
+        Op::Read(b) => match b.table {
+            Table::Holding => ctx.read_holding_registers(b.start, b.count).await,
+            Table::Input => ctx.read_input_registers(b.start, b.count).await,
+        },
+        Op::Write { addr, value } => ctx
+            .write_single_register(addr, value)
+            .await
+            .map(|r| r.map(|()| Vec::new())),
+    }
+}
+
+async fn run(cfg: LinkConfig, mut rx: mpsc::Receiver<Job>, metrics: Option<Arc<Metrics>>) {
+    let request_timeout = Duration::from_millis(cfg.timeout_ms());
+    let gap = match cfg.kind {
+        LinkKind::Rtu => Some(inter_frame_gap(cfg.baud.unwrap_or(9600))),
+        LinkKind::Tcp => None,
+    };
+    let mut ctx: Option<Context> = None;
+    let mut connect_failures = 0u32;
+    let mut retry_at = Instant::now();
+
+    while let Some(job) = rx.recv().await {
+        let started = Instant::now();
+        let result = 'job: {
+            if ctx.is_none() {
+                if Instant::now() < retry_at {
+                    break 'job Err(LinkError::Connect(format!(
+                        "backing off after {connect_failures} failed attempts"
+                    )));
+                }
+                match timeout(request_timeout, connect(&cfg)).await {
+                    Ok(Ok(c)) => {
+                        connect_failures = 0;
+                        ctx = Some(c);
+                    }
+                    outcome => {
+                        connect_failures += 1;
+                        retry_at = Instant::now() + backoff(connect_failures);
+                        let why = match outcome {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".to_string(),
+                        };
+                        break 'job Err(LinkError::Connect(why));
+                    }
+                }
+            }
+            let Some(c) = ctx.as_mut() else {
+                break 'job Err(LinkError::Closed);
+            };
+            c.set_slave(Slave(job.unit));
+            match timeout(request_timeout, execute(c, job.op)).await {
+                Ok(Ok(Ok(words))) => Ok(words),
+                Ok(Ok(Err(exception))) => Err(LinkError::Exception(u8::from(exception))),
+                Ok(Err(e)) => {
+                    ctx = None;
+                    Err(LinkError::Transport(e.to_string()))
+                }
+                Err(_) => {
+                    // A late answer would be taken for the next request's: start afresh.
+                    ctx = None;
+                    Err(LinkError::Timeout(request_timeout.as_millis() as u64))
+                }
+            }
+        };
+        if let Some(m) = &metrics {
+            let labels = [cfg.name.as_str(), &*job.device];
+            m.modbus_requests.with_label_values(&labels).inc();
+            match &result {
+                Ok(_) => m
+                    .modbus_latency
+                    .with_label_values(&[cfg.name.as_str()])
+                    .observe(started.elapsed().as_secs_f64()),
+                Err(e) => m
+                    .modbus_errors
+                    .with_label_values(&[cfg.name.as_str(), &*job.device, e.kind()])
+                    .inc(),
+            }
+        }
+        if let Some(gap) = gap {
+            tokio::time::sleep(gap).await;
+        }
+        let _ = job.reply.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        assert_eq!(backoff(1), Duration::from_millis(200));
+        assert_eq!(backoff(2), Duration::from_millis(400));
+        assert_eq!(backoff(30), Duration::from_millis(5000));
+    }
+
+    #[test]
+    fn rtu_gap_follows_the_serial_line_rule() {
+        // 9600 baud: 3.5 × 11 bits ≈ 4.01 ms; above 19200 fixed at 1.75 ms.
+        assert!((inter_frame_gap(9600).as_secs_f64() - 0.004_010).abs() < 1e-5);
+        assert_eq!(inter_frame_gap(115_200), Duration::from_micros(1750));
+    }
+}

@@ -1,0 +1,226 @@
+//! Device pollers: read a device's blocks through its link, decode them with its driver, and
+//! keep its freshness. A timeout, exception or implausible frame marks the device unhealthy
+//! with the reason; its last reading is kept for display only, never as if fresh.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::config::{InverterConfig, MeterConfig};
+use crate::drivers::chint::{self, decode_energy, decode_instant, role_sign};
+use crate::drivers::saj::{self, Identity, Nameplate};
+use crate::drivers::{InverterReading, MeterEnergy, MeterReading, ReadBlock, Table};
+use crate::link::{Link, LinkError};
+
+/// Consecutive failures before a device is polled less often.
+const BACKOFF_AFTER: u32 = 3;
+/// Longest pause between attempts at a failing device.
+const MAX_DEVICE_BACKOFF: Duration = Duration::from_secs(5);
+/// Energy counters and identity change slowly; read them this often.
+const SLOW_PERIOD: Duration = Duration::from_secs(60);
+
+/// When a device last answered well, and why it did not since.
+#[derive(Debug, Clone, Default)]
+pub struct Freshness {
+    pub last_ok: Option<Instant>,
+    pub last_error: Option<String>,
+    pub failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl Freshness {
+    pub fn due(&self, now: Instant) -> bool {
+        self.retry_at.is_none_or(|t| now >= t)
+    }
+
+    fn ok(&mut self, now: Instant) {
+        self.last_ok = Some(now);
+        self.last_error = None;
+        self.failures = 0;
+        self.retry_at = None;
+    }
+
+    fn fail(&mut self, now: Instant, why: String, cycle: Duration) {
+        self.failures += 1;
+        self.last_error = Some(why);
+        if self.failures >= BACKOFF_AFTER {
+            let factor = 1u32 << (self.failures - BACKOFF_AFTER).min(6);
+            self.retry_at = Some(now + (cycle * factor).min(MAX_DEVICE_BACKOFF));
+        }
+    }
+
+    pub fn age(&self, now: Instant) -> Option<Duration> {
+        self.last_ok.map(|t| now.saturating_duration_since(t))
+    }
+
+    pub fn is_fresh(&self, now: Instant, stale_after: Duration) -> bool {
+        self.age(now).is_some_and(|a| a <= stale_after)
+    }
+}
+
+pub struct InverterPoller {
+    pub cfg: InverterConfig,
+    pub device: Arc<str>,
+    plate: Nameplate,
+    link: Link,
+    pub reading: Option<InverterReading>,
+    pub identity: Option<Identity>,
+    identity_read_at: Option<Instant>,
+    pub fresh: Freshness,
+}
+
+impl InverterPoller {
+    pub fn new(cfg: InverterConfig, link: Link) -> InverterPoller {
+        let plate = Nameplate {
+            rated_power_w: cfg.rated_power_w,
+            phases: cfg.ac_phases(),
+        };
+        InverterPoller {
+            device: Arc::from(cfg.id.as_str()),
+            cfg,
+            plate,
+            link,
+            reading: None,
+            identity: None,
+            identity_read_at: None,
+            fresh: Freshness::default(),
+        }
+    }
+
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    async fn read(&self, block: ReadBlock) -> Result<Vec<u16>, LinkError> {
+        self.link.read(&self.device, self.cfg.unit_id, block).await
+    }
+
+    /// One poll: the real-time blocks every cycle, identity when due.
+    pub async fn poll(&mut self, now: Instant, cycle: Duration) {
+        if !self.fresh.due(now) {
+            return;
+        }
+        let result = async {
+            let realtime = self.read(saj::REALTIME).await.map_err(|e| e.to_string())?;
+            let totals = self.read(saj::TOTALS).await.map_err(|e| e.to_string())?;
+            saj::decode_realtime(&self.plate, &realtime, &totals)
+                .map_err(|e| format!("bad data: {e}"))
+        }
+        .await;
+        match result {
+            Ok(reading) => {
+                self.reading = Some(reading);
+                self.fresh.ok(now);
+            }
+            Err(why) => {
+                tracing::debug!(device = %self.device, "poll failed: {why}");
+                self.fresh.fail(now, why, cycle);
+                return;
+            }
+        }
+        if self
+            .identity_read_at
+            .is_none_or(|t| now.duration_since(t) >= SLOW_PERIOD * 60)
+        {
+            self.identity_read_at = Some(now);
+            if let Ok(words) = self.read(saj::IDENTITY).await {
+                self.identity = saj::decode_identity(&words).ok();
+            }
+        }
+    }
+}
+
+pub struct MeterPoller {
+    pub cfg: MeterConfig,
+    pub device: Arc<str>,
+    link: Link,
+    table: Table,
+    energy_block: usize,
+    energy_read_at: Option<Instant>,
+    pub reading: Option<MeterReading>,
+    pub energy: Option<MeterEnergy>,
+    pub fresh: Freshness,
+}
+
+impl MeterPoller {
+    pub fn new(cfg: MeterConfig, link: Link) -> MeterPoller {
+        MeterPoller {
+            device: Arc::from(cfg.id.as_str()),
+            cfg,
+            link,
+            table: Table::Holding,
+            energy_block: 0,
+            energy_read_at: None,
+            reading: None,
+            energy: None,
+            fresh: Freshness::default(),
+        }
+    }
+
+    /// Read `block` from the meter's table; a meter that refuses FC03 is asked with FC04
+    /// from then on (both are seen in the field).
+    async fn read(&mut self, block: ReadBlock) -> Result<Vec<u16>, LinkError> {
+        let block = ReadBlock {
+            table: self.table,
+            ..block
+        };
+        match self.link.read(&self.device, self.cfg.unit_id, block).await {
+            Err(e) if e.is_illegal_function() && self.table == Table::Holding => {
+                self.table = Table::Input;
+                let block = ReadBlock {
+                    table: Table::Input,
+                    ..block
+                };
+                self.link.read(&self.device, self.cfg.unit_id, block).await
+            }
+            other => other,
+        }
+    }
+
+    pub async fn poll(&mut self, now: Instant, cycle: Duration) {
+        if !self.fresh.due(now) {
+            return;
+        }
+        let sign = role_sign(self.cfg.role, self.cfg.invert);
+        let result = match self.read(chint::instant_block(self.cfg.model)).await {
+            Ok(words) => {
+                decode_instant(self.cfg.model, &words, sign).map_err(|e| format!("bad data: {e}"))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(reading) => {
+                self.reading = Some(reading);
+                self.fresh.ok(now);
+            }
+            Err(why) => {
+                tracing::debug!(device = %self.device, "poll failed: {why}");
+                self.fresh.fail(now, why, cycle);
+                return;
+            }
+        }
+        if self
+            .energy_read_at
+            .is_none_or(|t| now.duration_since(t) >= SLOW_PERIOD)
+        {
+            self.energy_read_at = Some(now);
+            self.poll_energy().await;
+        }
+    }
+
+    async fn poll_energy(&mut self) {
+        let blocks = chint::energy_blocks(self.cfg.model);
+        while let Some(&block) = blocks.get(self.energy_block) {
+            match self.read(block).await {
+                Ok(words) => {
+                    self.energy = decode_energy(&words).ok();
+                    return;
+                }
+                // Firmware variants keep energy at different addresses: try the next.
+                Err(e) if e.is_illegal_address() => self.energy_block += 1,
+                Err(_) => return,
+            }
+        }
+    }
+}

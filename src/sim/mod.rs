@@ -1,0 +1,389 @@
+//! A simulated site: every inverter and meter of a site file served as a real Modbus TCP
+//! slave on its own loopback port, over the physics of [`physics::SiteModel`].
+//!
+//! Tests and demos drive it through [`SimSite`]: stop or silence a device, script a load
+//! step, pause time and read the ground truth.
+
+pub mod physics;
+pub mod registers;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_modbus::server::tcp::{accept_tcp_connection, Server};
+use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
+
+use crate::clock::Clock;
+use crate::config::{LinkConfig, LinkKind, MeterModel, MeterRole, Parity, SiteConfig};
+use physics::SiteModel;
+
+/// How a simulated device answers, for failure tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    Normal,
+    /// Accepts requests and never answers (a hung gateway or firmware).
+    Silent,
+    /// Answers every request with this exception code.
+    Exception(u8),
+    /// Answers reads with 0xFFFF in every register.
+    Garbage,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Inverter(usize),
+    Meter { model: MeterModel, role: MeterRole },
+}
+
+struct Device {
+    id: String,
+    unit: u8,
+    kind: Kind,
+    behaviour: Behaviour,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+struct World {
+    model: SiteModel,
+    devices: Vec<Device>,
+    paused: bool,
+    time_factor: f64,
+}
+
+/// A running simulated site. Dropping it stops every server.
+pub struct SimSite {
+    world: Arc<Mutex<World>>,
+    ticker: JoinHandle<()>,
+}
+
+/// Physics tick in real time.
+const TICK: Duration = Duration::from_millis(100);
+
+fn lock(world: &Mutex<World>) -> MutexGuard<'_, World> {
+    // A panic while holding the lock leaves plain numbers behind; keep serving them.
+    world.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SimSite {
+    /// Start the simulated site: physics ticking in real time × `time_factor`, and one
+    /// Modbus TCP slave per device on `127.0.0.1`, each on a port the OS picks.
+    pub async fn start(config: &SiteConfig) -> std::io::Result<SimSite> {
+        SimSite::start_on(config, None).await
+    }
+
+    /// As [`SimSite::start`], with device `k` (meters first, then inverters, in file order)
+    /// on port `port_base + k` when a base is given, so other tools can find it.
+    pub async fn start_on(config: &SiteConfig, port_base: Option<u16>) -> std::io::Result<SimSite> {
+        let mut devices = Vec::new();
+        for m in &config.meters {
+            devices.push(Device {
+                id: m.id.clone(),
+                unit: m.unit_id,
+                kind: Kind::Meter {
+                    model: m.model,
+                    role: m.role,
+                },
+                behaviour: Behaviour::Normal,
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                stop: None,
+            });
+        }
+        for (i, inv) in config.inverters.iter().enumerate() {
+            devices.push(Device {
+                id: inv.id.clone(),
+                unit: inv.unit_id,
+                kind: Kind::Inverter(i),
+                behaviour: Behaviour::Normal,
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                stop: None,
+            });
+        }
+        let world = Arc::new(Mutex::new(World {
+            model: SiteModel::new(config),
+            devices,
+            paused: false,
+            time_factor: config.simulation.time_factor.max(0.0),
+        }));
+        let count = lock(&world).devices.len();
+        for index in 0..count {
+            let port = match port_base {
+                Some(base) => base.checked_add(index as u16).ok_or_else(|| {
+                    std::io::Error::other("port base too high for this many devices")
+                })?,
+                None => 0,
+            };
+            serve(&world, index, SocketAddr::from(([127, 0, 0, 1], port))).await?;
+        }
+        let ticker = tokio::spawn(tick(world.clone()));
+        Ok(SimSite { world, ticker })
+    }
+
+    /// The loopback address a device is served on.
+    pub fn addr(&self, id: &str) -> Option<SocketAddr> {
+        lock(&self.world)
+            .devices
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| d.addr)
+    }
+
+    /// The simulated site's clock, for the EMS under `--simulate`.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        Arc::new(SimClock(self.world.clone()))
+    }
+
+    /// Every device's id, unit id and address.
+    pub fn device_units(&self) -> Vec<(String, u8, SocketAddr)> {
+        lock(&self.world)
+            .devices
+            .iter()
+            .map(|d| (d.id.clone(), d.unit, d.addr))
+            .collect()
+    }
+
+    /// Every device's id and address.
+    pub fn devices(&self) -> Vec<(String, SocketAddr)> {
+        lock(&self.world)
+            .devices
+            .iter()
+            .map(|d| (d.id.clone(), d.addr))
+            .collect()
+    }
+
+    /// Close a device's port and its connections, as if it were unplugged.
+    pub fn stop_device(&self, id: &str) -> bool {
+        let mut w = lock(&self.world);
+        match w.devices.iter_mut().find(|d| d.id == id) {
+            Some(d) => {
+                if let Some(stop) = d.stop.take() {
+                    let _ = stop.send(());
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Serve a stopped device again on its old port.
+    pub async fn restart_device(&self, id: &str) -> std::io::Result<()> {
+        let (index, addr) = {
+            let w = lock(&self.world);
+            let index =
+                w.devices.iter().position(|d| d.id == id).ok_or_else(|| {
+                    std::io::Error::new(std::io::ErrorKind::NotFound, id.to_string())
+                })?;
+            (index, w.devices[index].addr)
+        };
+        serve(&self.world, index, addr).await
+    }
+
+    pub fn set_behaviour(&self, id: &str, behaviour: Behaviour) {
+        if let Some(d) = lock(&self.world).devices.iter_mut().find(|d| d.id == id) {
+            d.behaviour = behaviour;
+        }
+    }
+
+    /// Stop or resume simulated time.
+    pub fn set_paused(&self, paused: bool) {
+        lock(&self.world).paused = paused;
+    }
+
+    /// Read or change the physics (load steps, faults, ground truth).
+    pub fn with_model<T>(&self, f: impl FnOnce(&mut SiteModel) -> T) -> T {
+        f(&mut lock(&self.world).model)
+    }
+
+    /// Links that reach every simulated device, one TCP link each: the site file with its
+    /// real transports swapped for the simulator's loopback ports.
+    pub fn rewire(&self, config: &SiteConfig) -> SiteConfig {
+        let mut c = config.clone();
+        c.links.clear();
+        for (id, addr) in self.devices() {
+            let name = format!("sim-{id}");
+            c.links.push(LinkConfig {
+                name: name.clone(),
+                kind: LinkKind::Tcp,
+                host: Some(addr.ip().to_string()),
+                port: Some(addr.port()),
+                device: None,
+                baud: None,
+                parity: Parity::None,
+                stop_bits: None,
+                timeout_ms: Some(300),
+            });
+            if let Some(m) = c.meters.iter_mut().find(|m| m.id == id) {
+                m.link = name;
+            } else if let Some(i) = c.inverters.iter_mut().find(|i| i.id == id) {
+                i.link = name;
+            }
+        }
+        c
+    }
+}
+
+impl Drop for SimSite {
+    fn drop(&mut self) {
+        self.ticker.abort();
+        for d in lock(&self.world).devices.iter_mut() {
+            if let Some(stop) = d.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+    }
+}
+
+struct SimClock(Arc<Mutex<World>>);
+
+impl Clock for SimClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        lock(&self.0).model.now
+    }
+}
+
+async fn tick(world: Arc<Mutex<World>>) {
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let mut w = lock(&world);
+        if !w.paused {
+            let dt = TICK.as_secs_f64() * w.time_factor;
+            w.model.step(dt);
+        }
+    }
+}
+
+async fn serve(world: &Arc<Mutex<World>>, index: usize, addr: SocketAddr) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    {
+        let mut w = lock(world);
+        w.devices[index].addr = bound;
+        w.devices[index].stop = Some(stop_tx);
+    }
+    let world = world.clone();
+    tokio::spawn(async move {
+        let server = Server::new(listener);
+        let new_service = move |_socket_addr| {
+            Ok(Some(DeviceService {
+                world: world.clone(),
+                index,
+            }))
+        };
+        let on_connected = |stream, socket_addr| {
+            let new_service = new_service.clone();
+            async move { accept_tcp_connection(stream, socket_addr, new_service) }
+        };
+        let on_process_error = |err| tracing::debug!("simulated device connection ended: {err}");
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = server
+            .serve_until(&on_connected, on_process_error, stop)
+            .await
+        {
+            tracing::warn!("simulated device server stopped: {e}");
+        }
+    });
+    Ok(())
+}
+
+#[derive(Clone)]
+struct DeviceService {
+    world: Arc<Mutex<World>>,
+    index: usize,
+}
+
+type Reply = Pin<Box<dyn Future<Output = Result<Response, ExceptionCode>> + Send>>;
+
+impl tokio_modbus::server::Service for DeviceService {
+    type Request = SlaveRequest<'static>;
+    type Response = Response;
+    type Exception = ExceptionCode;
+    type Future = Reply;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        let result = {
+            let mut w = lock(&self.world);
+            let w = &mut *w;
+            let dev = &w.devices[self.index];
+            // TCP slaves commonly ignore the unit id; answer 0 and 255 as well as our own.
+            if req.slave != dev.unit && req.slave != 0 && req.slave != 255 {
+                Err(ExceptionCode::GatewayTargetDevice)
+            } else {
+                match dev.behaviour {
+                    Behaviour::Silent => return Box::pin(std::future::pending()),
+                    Behaviour::Exception(code) => Err(ExceptionCode::new(code)),
+                    Behaviour::Normal | Behaviour::Garbage => {
+                        let garbage = dev.behaviour == Behaviour::Garbage;
+                        handle(&mut w.model, dev.kind, dev.unit, req.request, garbage)
+                    }
+                }
+            }
+        };
+        Box::pin(std::future::ready(result))
+    }
+}
+
+fn handle(
+    model: &mut SiteModel,
+    kind: Kind,
+    unit: u8,
+    request: Request<'static>,
+    garbage: bool,
+) -> Result<Response, ExceptionCode> {
+    let image = || match kind {
+        Kind::Inverter(i) => registers::inverter_image(model, &model.inverters[i], i),
+        Kind::Meter { model: mm, role } => registers::meter_image(model, mm, role, unit),
+    };
+    let read = |start: u16, count: u16| {
+        let words = image().read(start, count)?;
+        Ok(if garbage {
+            vec![0xFFFF; words.len()]
+        } else {
+            words
+        })
+    };
+    match request {
+        Request::ReadHoldingRegisters(start, count) => {
+            read(start, count).map(Response::ReadHoldingRegisters)
+        }
+        Request::ReadInputRegisters(start, count) => match kind {
+            // SAJ inverters have no input registers; the Chint meters answer FC04 too.
+            Kind::Inverter(_) => Err(ExceptionCode::IllegalFunction),
+            Kind::Meter { .. } => read(start, count).map(Response::ReadInputRegisters),
+        },
+        Request::WriteSingleRegister(addr, value) => match kind {
+            Kind::Inverter(i) => {
+                registers::write_inverter_setting(&mut model.inverters[i], addr, value)?;
+                Ok(Response::WriteSingleRegister(addr, value))
+            }
+            Kind::Meter { .. } => Err(ExceptionCode::IllegalDataAddress),
+        },
+        Request::WriteMultipleRegisters(addr, values) => match kind {
+            Kind::Inverter(i) => {
+                // All or nothing: check every value before applying any.
+                let inv = &mut model.inverters[i];
+                let mut staged = inv.clone();
+                for (k, v) in values.iter().enumerate() {
+                    let a = addr
+                        .checked_add(k as u16)
+                        .ok_or(ExceptionCode::IllegalDataAddress)?;
+                    registers::write_inverter_setting(&mut staged, a, *v)?;
+                }
+                *inv = staged;
+                Ok(Response::WriteMultipleRegisters(addr, values.len() as u16))
+            }
+            Kind::Meter { .. } => Err(ExceptionCode::IllegalDataAddress),
+        },
+        _ => Err(ExceptionCode::IllegalFunction),
+    }
+}

@@ -1,0 +1,462 @@
+//! Site physics for the simulator, per phase: PV, load, batteries, inverter firmware and the
+//! grid connection. Pure: the model advances only when [`SiteModel::step`] is called, so a
+//! test can run a simulated day in milliseconds.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Datelike, NaiveDateTime, TimeZone, Timelike, Utc};
+use chrono_tz::Tz;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::config::{BatteryConfig, Phase, SiteConfig};
+use crate::drivers::saj::{self, app_mode, passive, reg};
+
+/// One simulated hybrid inverter with its battery and PV strings.
+#[derive(Debug, Clone)]
+pub struct SimInverter {
+    pub id: String,
+    pub model: crate::config::InverterModel,
+    pub rated_w: f64,
+    pub phases: Vec<Phase>,
+    pub battery: BatteryConfig,
+    pub pv_peak_w: f64,
+    pub soc_pct: f64,
+    /// Actual battery power, + discharge.
+    pub battery_w: f64,
+    /// PV power actually converted (after curtailment).
+    pub pv_w: f64,
+    /// AC output at the grid port, + delivered.
+    pub ac_w: f64,
+    /// Writable settings (`0x36xx`), by address.
+    pub settings: HashMap<u16, u16>,
+    /// Fault words HFault, MFault, MFault2, for fault-injection tests.
+    pub fault_words: [u32; 3],
+    pub charged_wh: f64,
+    pub discharged_wh: f64,
+    pub pv_wh: f64,
+}
+
+impl SimInverter {
+    pub fn setting(&self, addr: u16) -> u16 {
+        self.settings
+            .get(&addr)
+            .copied()
+            .or_else(|| saj::setting(addr).map(|s| s.default))
+            .unwrap_or(0)
+    }
+
+    pub fn app_mode(&self) -> u16 {
+        self.setting(reg::APP_MODE)
+    }
+
+    fn soc_floor(&self) -> f64 {
+        self.battery
+            .soc_min_pct
+            .max(f64::from(self.setting(reg::ON_GRID_DIS_DEPTH)).min(100.0))
+    }
+
+    fn soc_ceiling(&self) -> f64 {
+        self.battery
+            .soc_max_pct
+            .min(f64::from(self.setting(reg::CHARGE_DEPTH)))
+    }
+
+    /// Charge and discharge power the battery may take now, from ratings, the battery
+    /// limit registers and the SOC bounds.
+    fn battery_window(&self) -> (f64, f64) {
+        let chg_limit = saj::permille_to_watts(self.setting(reg::BAT_CHARGE_LIMIT), self.rated_w);
+        let dis_limit =
+            saj::permille_to_watts(self.setting(reg::BAT_DISCHARGE_LIMIT), self.rated_w);
+        let mut max_charge = self.battery.max_charge_w.min(chg_limit).min(self.rated_w);
+        let mut max_discharge = self
+            .battery
+            .max_discharge_w
+            .min(dis_limit)
+            .min(self.rated_w);
+        if self.soc_pct >= self.soc_ceiling() {
+            max_charge = 0.0;
+        }
+        if self.soc_pct <= self.soc_floor() {
+            max_discharge = 0.0;
+        }
+        (max_charge, max_discharge)
+    }
+
+    /// The unit's own AC output cap from the anti-reflux (export limit) registers.
+    pub fn output_cap_w(&self) -> f64 {
+        if self.setting(reg::ANTI_REFLUX_MODE) == 0 {
+            self.rated_w
+        } else {
+            saj::permille_to_watts(self.setting(reg::ANTI_REFLUX_POWER), self.rated_w)
+                .min(self.rated_w)
+        }
+    }
+}
+
+/// Ground truth of the last step, per phase (index 0 = L1).
+#[derive(Debug, Clone, Default)]
+pub struct PhaseTruth {
+    pub load_w: [f64; 3],
+    pub ac_pv_w: [f64; 3],
+    /// + import.
+    pub grid_w: [f64; 3],
+    pub voltage_v: [f64; 3],
+}
+
+#[derive(Debug, Clone)]
+pub struct SiteModel {
+    pub tz: Tz,
+    pub now: DateTime<Utc>,
+    pub phases: usize,
+    pub nominal_v: f64,
+    pub inverters: Vec<SimInverter>,
+    pub base_load_w: f64,
+    pub peak_load_w: f64,
+    pub phase_shares: [f64; 3],
+    pub noise_pct: f64,
+    pub ac_pv_peak_w: f64,
+    /// Scripted change of site load (e.g. a 5 kW drop is −5000), split by phase shares.
+    pub load_step_w: f64,
+    pub ramp_w_per_s_pct: f64,
+    pub frequency_hz: f64,
+    pub truth: PhaseTruth,
+    /// Grid meter energy counters, Wh.
+    pub grid_import_wh: f64,
+    pub grid_export_wh: f64,
+    pub ac_pv_wh: f64,
+    noise: [f64; 3],
+    rng: SmallRng,
+}
+
+/// Parse the simulation start `YYYY-MM-DDTHH:MM` as local time in `tz`.
+pub fn parse_local_start(s: &str, tz: Tz) -> Option<DateTime<Utc>> {
+    let naive = NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M")
+        .or_else(|_| NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S"))
+        .ok()?;
+    tz.from_local_datetime(&naive)
+        .earliest()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Clear-sky-like irradiance, 0–1, for a local time at mid-northern latitude.
+pub fn clear_sky(local: NaiveDateTime) -> f64 {
+    let doy = f64::from(local.ordinal());
+    let day_len_h = 12.0 + 4.0 * (2.0 * std::f64::consts::PI * (doy - 80.0) / 365.0).sin();
+    let noon_h = 13.0;
+    let h = f64::from(local.hour())
+        + f64::from(local.minute()) / 60.0
+        + f64::from(local.second()) / 3600.0;
+    let x = (h - (noon_h - day_len_h / 2.0)) / day_len_h;
+    if (0.0..=1.0).contains(&x) {
+        (std::f64::consts::PI * x).sin().powf(1.5)
+    } else {
+        0.0
+    }
+}
+
+/// Daily load shape, 0–1: breakfast, midday and an evening peak.
+pub fn load_shape(local: NaiveDateTime) -> f64 {
+    let h = f64::from(local.hour()) + f64::from(local.minute()) / 60.0;
+    let bump = |c: f64, w: f64| (-((h - c) / w).powi(2)).exp();
+    (0.1 + 0.35 * bump(7.5, 1.5) + 0.3 * bump(13.0, 3.0) + 0.9 * bump(19.0, 2.0)).min(1.0)
+}
+
+impl SiteModel {
+    pub fn new(c: &SiteConfig) -> SiteModel {
+        let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+        let s = &c.simulation;
+        let now = s
+            .start
+            .as_deref()
+            .and_then(|v| parse_local_start(v, tz))
+            .unwrap_or_else(Utc::now);
+        let inverters = c
+            .inverters
+            .iter()
+            .map(|i| SimInverter {
+                id: i.id.clone(),
+                model: i.model,
+                rated_w: i.rated_power_w,
+                phases: i.ac_phases(),
+                battery: i.battery.clone(),
+                pv_peak_w: i.rated_power_w * s.pv_peak_ratio,
+                soc_pct: s
+                    .initial_soc_pct
+                    .clamp(i.battery.soc_min_pct, i.battery.soc_max_pct),
+                battery_w: 0.0,
+                pv_w: 0.0,
+                ac_w: 0.0,
+                settings: HashMap::new(),
+                fault_words: [0; 3],
+                charged_wh: 0.0,
+                discharged_wh: 0.0,
+                pv_wh: 0.0,
+            })
+            .collect();
+        let mut m = SiteModel {
+            tz,
+            now,
+            phases: usize::from(c.grid.phases),
+            nominal_v: c.grid.nominal_voltage_v,
+            inverters,
+            base_load_w: s.base_load_w,
+            peak_load_w: s.peak_load_w,
+            phase_shares: s.load_phase_shares,
+            noise_pct: s.load_noise_pct,
+            ac_pv_peak_w: s.ac_pv_peak_w,
+            load_step_w: 0.0,
+            ramp_w_per_s_pct: s.ramp_pct_per_s,
+            frequency_hz: 50.0,
+            truth: PhaseTruth::default(),
+            grid_import_wh: 0.0,
+            grid_export_wh: 0.0,
+            ac_pv_wh: 0.0,
+            noise: [0.0; 3],
+            rng: SmallRng::seed_from_u64(s.seed),
+        };
+        m.step(0.0);
+        m
+    }
+
+    pub fn local_now(&self) -> NaiveDateTime {
+        self.now.with_timezone(&self.tz).naive_local()
+    }
+
+    fn shares(&self) -> [f64; 3] {
+        if self.phases == 1 {
+            return [1.0, 0.0, 0.0];
+        }
+        let sum: f64 = self.phase_shares.iter().sum();
+        if sum <= 0.0 {
+            [1.0 / 3.0; 3]
+        } else {
+            self.phase_shares.map(|s| s / sum)
+        }
+    }
+
+    fn gaussian(&mut self) -> f64 {
+        // Box–Muller.
+        let u1: f64 = self.rng.random_range(f64::EPSILON..1.0);
+        let u2: f64 = self.rng.random();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// Advance the site by `dt_s` simulated seconds.
+    pub fn step(&mut self, dt_s: f64) {
+        self.now += chrono::Duration::milliseconds((dt_s * 1000.0).round() as i64);
+        let local = self.local_now();
+        let sun = clear_sky(local);
+        let shares = self.shares();
+
+        // Load per phase, with slowly wandering noise.
+        let total_load =
+            self.base_load_w + (self.peak_load_w - self.base_load_w) * load_shape(local);
+        let mut load = [0.0; 3];
+        for (p, l) in load.iter_mut().enumerate() {
+            if shares[p] == 0.0 {
+                continue;
+            }
+            let alpha = (dt_s / 30.0).min(1.0);
+            let g = self.gaussian();
+            self.noise[p] =
+                (1.0 - alpha) * self.noise[p] + alpha.sqrt() * g * self.noise_pct / 100.0;
+            *l = ((total_load + self.load_step_w) * shares[p] * (1.0 + self.noise[p])).max(0.0);
+        }
+
+        // AC-coupled PV behind the PV meter: on L1 of a single-phase site, balanced otherwise.
+        let ac_pv_total = self.ac_pv_peak_w * sun;
+        let mut ac_pv = [0.0; 3];
+        for v in ac_pv.iter_mut().take(self.phases) {
+            *v = ac_pv_total / self.phases as f64;
+        }
+
+        // Firmware: each unit picks a battery target from its AppMode.
+        let site_need_w: f64 = load.iter().sum::<f64>() - ac_pv_total;
+        let passive_ac: f64 = self
+            .inverters
+            .iter()
+            .filter(|i| i.app_mode() == app_mode::PASSIVE)
+            .map(|i| i.ac_w)
+            .sum();
+        let self_use_rating: f64 = self
+            .inverters
+            .iter()
+            .filter(|i| i.app_mode() != app_mode::PASSIVE)
+            .map(|i| i.rated_w)
+            .sum();
+        let pv_now: Vec<f64> = self.inverters.iter().map(|i| i.pv_peak_w * sun).collect();
+        for (inv, pv_avail) in self.inverters.iter_mut().zip(pv_now) {
+            let (max_charge, max_discharge) = inv.battery_window();
+            let target = match inv.app_mode() {
+                app_mode::PASSIVE => match inv.setting(reg::PASSIVE_ENABLE) {
+                    passive::DISCHARGE => {
+                        saj::permille_to_watts(inv.setting(reg::PASSIVE_BAT_DISCHARGE), inv.rated_w)
+                    }
+                    passive::CHARGE => {
+                        -saj::permille_to_watts(inv.setting(reg::PASSIVE_BAT_CHARGE), inv.rated_w)
+                    }
+                    _ => 0.0,
+                },
+                mode => {
+                    // Self-use (and the modes built on it): share the site's need by rating.
+                    let share = (site_need_w - passive_ac) * inv.rated_w / self_use_rating.max(1.0);
+                    let t = share - pv_avail;
+                    if mode == app_mode::BACKUP {
+                        let reserve = f64::from(inv.setting(reg::BACKUP_RESERVE_SOC));
+                        if inv.soc_pct < reserve {
+                            -max_charge
+                        } else if inv.soc_pct < reserve + 0.5 {
+                            // At the reserve: neither charge nor discharge below it.
+                            0.0
+                        } else {
+                            t
+                        }
+                    } else {
+                        t
+                    }
+                }
+            };
+            let target = target.clamp(-max_charge, max_discharge);
+            let ramp = inv.rated_w * self.ramp_w_per_s_pct / 100.0 * dt_s;
+            inv.battery_w += (target - inv.battery_w).clamp(-ramp, ramp);
+            inv.battery_w = inv.battery_w.clamp(-max_charge, max_discharge);
+
+            if inv.setting(reg::INVERTER_STOP) == 1 {
+                inv.battery_w = 0.0;
+                inv.pv_w = 0.0;
+                inv.ac_w = 0.0;
+                continue;
+            }
+            // Output cap: curtail PV first, then the discharge.
+            let cap = inv.output_cap_w();
+            inv.pv_w = pv_avail.min((cap - inv.battery_w).max(0.0));
+            if inv.pv_w + inv.battery_w > cap {
+                inv.battery_w = cap - inv.pv_w;
+            }
+            // Charging from the grid is bounded by the unit's rating.
+            if inv.pv_w + inv.battery_w < -inv.rated_w {
+                inv.battery_w = -inv.rated_w - inv.pv_w;
+            }
+            inv.ac_w = inv.pv_w + inv.battery_w;
+
+            let dt_h = dt_s / 3600.0;
+            let cap_wh = inv.battery.capacity_wh.max(1.0);
+            if inv.battery_w >= 0.0 {
+                inv.soc_pct -=
+                    inv.battery_w * dt_h / inv.battery.discharge_efficiency / cap_wh * 100.0;
+                inv.discharged_wh += inv.battery_w * dt_h;
+            } else {
+                inv.soc_pct -=
+                    inv.battery_w * dt_h * inv.battery.charge_efficiency / cap_wh * 100.0;
+                inv.charged_wh -= inv.battery_w * dt_h;
+            }
+            inv.soc_pct = inv.soc_pct.clamp(0.0, 100.0);
+            inv.pv_wh += inv.pv_w * dt_h;
+        }
+
+        // Grid per phase = load − inverter output − AC-coupled PV.
+        let mut grid = load;
+        for (p, g) in grid.iter_mut().enumerate() {
+            *g -= ac_pv[p];
+        }
+        for inv in &self.inverters {
+            let n = inv.phases.len() as f64;
+            for ph in &inv.phases {
+                grid[ph.index()] -= inv.ac_w / n;
+            }
+        }
+        let mut voltage = [0.0; 3];
+        for p in 0..self.phases {
+            // Export raises the local voltage a little, import lowers it.
+            voltage[p] =
+                self.nominal_v - grid[p] * 0.0001 + 0.3 * self.gaussian().clamp(-2.0, 2.0) * 0.1;
+        }
+        self.frequency_hz = 50.0 + 0.01 * self.gaussian().clamp(-2.0, 2.0);
+        let dt_h = dt_s / 3600.0;
+        let net: f64 = grid.iter().sum();
+        if net >= 0.0 {
+            self.grid_import_wh += net * dt_h;
+        } else {
+            self.grid_export_wh -= net * dt_h;
+        }
+        self.ac_pv_wh += ac_pv_total * dt_h;
+        self.truth = PhaseTruth {
+            load_w: load,
+            ac_pv_w: ac_pv,
+            grid_w: grid,
+            voltage_v: voltage,
+        };
+    }
+
+    pub fn inverter_mut(&mut self, id: &str) -> Option<&mut SimInverter> {
+        self.inverters.iter_mut().find(|i| i.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> SiteModel {
+        let c = SiteConfig::load(std::path::Path::new("sites/demo.yaml")).unwrap();
+        SiteModel::new(&c)
+    }
+
+    #[test]
+    fn power_balances_on_every_phase() {
+        let mut m = model();
+        for _ in 0..50 {
+            m.step(1.0);
+        }
+        let t = &m.truth;
+        for p in 0..3 {
+            let inv: f64 = m.inverters.iter().map(|i| i.ac_w / 3.0).sum();
+            assert!((t.grid_w[p] - (t.load_w[p] - inv - t.ac_pv_w[p])).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn self_use_drives_grid_towards_zero_and_passive_follows_setpoint() {
+        let mut m = model();
+        for _ in 0..120 {
+            m.step(1.0);
+        }
+        let grid: f64 = m.truth.grid_w.iter().sum();
+        assert!(
+            grid.abs() < 2000.0,
+            "self-use should settle near zero grid, got {grid}"
+        );
+
+        let inv = &mut m.inverters[0];
+        inv.settings.insert(reg::APP_MODE, app_mode::PASSIVE);
+        inv.settings.insert(reg::PASSIVE_ENABLE, passive::DISCHARGE);
+        inv.settings.insert(reg::PASSIVE_BAT_DISCHARGE, 300);
+        for _ in 0..30 {
+            m.step(1.0);
+        }
+        assert!((m.inverters[0].battery_w - 3000.0).abs() < 1.0);
+    }
+
+    #[test]
+    fn output_cap_curtails_pv_first() {
+        let mut m = model();
+        let inv = &mut m.inverters[0];
+        inv.settings.insert(reg::APP_MODE, app_mode::PASSIVE);
+        inv.settings.insert(reg::PASSIVE_ENABLE, passive::STANDBY);
+        inv.settings.insert(reg::ANTI_REFLUX_MODE, 1);
+        inv.settings.insert(reg::ANTI_REFLUX_POWER, 100);
+        for _ in 0..5 {
+            m.step(1.0);
+        }
+        assert!(m.inverters[0].ac_w <= 1000.0 + 1e-6);
+        assert!(m.inverters[0].pv_w <= 1000.0 + 1e-6);
+    }
+
+    #[test]
+    fn clear_sky_is_zero_at_night_and_peaks_midday() {
+        let d = chrono::NaiveDate::from_ymd_opt(2026, 6, 21).unwrap();
+        assert_eq!(clear_sky(d.and_hms_opt(1, 0, 0).unwrap()), 0.0);
+        assert!(clear_sky(d.and_hms_opt(13, 0, 0).unwrap()) > 0.95);
+    }
+}

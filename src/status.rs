@@ -1,0 +1,310 @@
+//! `GET /api/v1/status`: the site as the EMS sees it. A stable contract that dashboards,
+//! aggregators and tests rely on: fields are added, never renamed. Values of a device that is
+//! not fresh are `null`; its `health` and `age_s` say why.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::config::{MeterRole, Phase, SiteConfig};
+use crate::drivers::{PhaseAc, WorkingState};
+use crate::poll::{Freshness, InverterPoller, MeterPoller};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Ok,
+    /// No good read within `stale_after_s` (or never).
+    Stale,
+    /// Fresh, but the unit reports a fault.
+    Faulted,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Stale => "stale",
+            Health::Faulted => "faulted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PhaseStatus {
+    pub phase: Phase,
+    /// + import.
+    pub power_w: Option<f64>,
+    /// Signed like power.
+    pub current_a: Option<f64>,
+    pub voltage_v: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GridStatus {
+    pub meter: Option<String>,
+    /// + import, − export.
+    pub power_w: Option<f64>,
+    pub phases: Vec<PhaseStatus>,
+    pub frequency_hz: Option<f64>,
+    pub health: Health,
+    pub age_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InverterPhaseStatus {
+    pub phase: Phase,
+    /// + delivered to the site bus.
+    pub power_w: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InverterStatus {
+    pub id: String,
+    pub model: &'static str,
+    pub rated_power_w: f64,
+    pub health: Health,
+    pub age_s: Option<f64>,
+    pub error: Option<String>,
+    pub state: Option<WorkingState>,
+    /// + delivered to the site bus.
+    pub ac_power_w: Option<f64>,
+    pub pv_power_w: Option<f64>,
+    /// + discharge, − charge.
+    pub battery_power_w: Option<f64>,
+    pub soc_pct: Option<f64>,
+    pub faults: Vec<&'static str>,
+    pub warnings: Vec<&'static str>,
+    pub phases: Vec<InverterPhaseStatus>,
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MeterStatus {
+    pub id: String,
+    pub role: &'static str,
+    pub model: &'static str,
+    pub health: Health,
+    pub age_s: Option<f64>,
+    pub error: Option<String>,
+    /// Grid meter: + import. PV meter: + generation.
+    pub power_w: Option<f64>,
+    pub phases: Vec<PhaseStatus>,
+    pub import_wh: Option<f64>,
+    pub export_wh: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FleetStatus {
+    pub inverters_total: usize,
+    pub inverters_ok: usize,
+    pub ac_power_w: f64,
+    pub pv_power_w: f64,
+    pub battery_power_w: f64,
+    /// Capacity-weighted over fresh inverters.
+    pub soc_pct: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LimitStatus {
+    pub mode: &'static str,
+    pub limit_w: Option<f64>,
+    pub limit_a: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Status {
+    pub site: String,
+    /// Site time (the simulator's under `--simulate`), RFC 3339 UTC.
+    pub time: String,
+    pub cycle: u64,
+    pub working_mode: &'static str,
+    pub export_limit: LimitStatus,
+    pub import_limit: Option<LimitStatus>,
+    pub grid: GridStatus,
+    pub fleet: FleetStatus,
+    pub inverters: Vec<InverterStatus>,
+    pub meters: Vec<MeterStatus>,
+}
+
+fn age_s(f: &Freshness, now: Instant) -> Option<f64> {
+    f.age(now)
+        .map(|a| (a.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+fn phase_status(phases: &[Phase], reading: Option<&[PhaseAc]>) -> Vec<PhaseStatus> {
+    phases
+        .iter()
+        .map(|&phase| {
+            let ac = reading.and_then(|r| r.iter().find(|p| p.phase == phase));
+            PhaseStatus {
+                phase,
+                power_w: ac.map(|a| a.power_w),
+                current_a: ac.map(|a| a.current_a),
+                voltage_v: ac.map(|a| a.voltage_v),
+            }
+        })
+        .collect()
+}
+
+fn meter_status(
+    c: &SiteConfig,
+    m: &MeterPoller,
+    now: Instant,
+    stale_after: Duration,
+) -> MeterStatus {
+    let fresh = m.fresh.is_fresh(now, stale_after);
+    let reading = m.reading.as_ref().filter(|_| fresh);
+    MeterStatus {
+        id: m.cfg.id.clone(),
+        role: m.cfg.role.as_str(),
+        model: m.cfg.model.as_str(),
+        health: if fresh { Health::Ok } else { Health::Stale },
+        age_s: age_s(&m.fresh, now),
+        error: m.fresh.last_error.clone(),
+        power_w: reading.map(|r| r.power_w),
+        phases: phase_status(&c.phases(), reading.map(|r| r.phases.as_slice())),
+        import_wh: m.energy.map(|e| e.import_wh),
+        export_wh: m.energy.map(|e| e.export_wh),
+    }
+}
+
+fn limit(
+    mode: crate::config::LimitMode,
+    limit_w: Option<f64>,
+    limit_a: Option<f64>,
+) -> LimitStatus {
+    LimitStatus {
+        mode: mode.as_str(),
+        limit_w,
+        limit_a,
+    }
+}
+
+/// Build the status from the pollers' state at `now`.
+pub fn build(
+    c: &SiteConfig,
+    meters: &[MeterPoller],
+    inverters: &[InverterPoller],
+    now: Instant,
+    time: chrono::DateTime<chrono::Utc>,
+    cycle: u64,
+) -> Status {
+    let stale_after = Duration::from_secs_f64(c.control.stale_after_s);
+    let meters: Vec<MeterStatus> = meters
+        .iter()
+        .map(|m| meter_status(c, m, now, stale_after))
+        .collect();
+    let grid = match meters.iter().find(|m| m.role == MeterRole::Grid.as_str()) {
+        Some(m) => GridStatus {
+            meter: Some(m.id.clone()),
+            power_w: m.power_w,
+            phases: m.phases.clone(),
+            frequency_hz: None,
+            health: m.health,
+            age_s: m.age_s,
+        },
+        None => GridStatus {
+            meter: None,
+            power_w: None,
+            phases: phase_status(&c.phases(), None),
+            frequency_hz: None,
+            health: Health::Stale,
+            age_s: None,
+        },
+    };
+
+    let mut fleet = FleetStatus {
+        inverters_total: inverters.len(),
+        inverters_ok: 0,
+        ac_power_w: 0.0,
+        pv_power_w: 0.0,
+        battery_power_w: 0.0,
+        soc_pct: None,
+    };
+    let (mut soc_wh, mut cap_wh) = (0.0, 0.0);
+    let inverters: Vec<InverterStatus> = inverters
+        .iter()
+        .map(|p| {
+            let fresh = p.fresh.is_fresh(now, stale_after);
+            let reading = p.reading.as_ref().filter(|_| fresh);
+            let health = match reading {
+                None => Health::Stale,
+                Some(r) if r.has_fault() => Health::Faulted,
+                Some(_) => Health::Ok,
+            };
+            if let Some(r) = reading {
+                if health == Health::Ok {
+                    fleet.inverters_ok += 1;
+                }
+                fleet.ac_power_w += r.ac_power_w;
+                fleet.pv_power_w += r.pv_power_w;
+                fleet.battery_power_w += r.battery_power_w;
+                soc_wh += r.soc_pct * p.cfg.battery.capacity_wh;
+                cap_wh += p.cfg.battery.capacity_wh;
+            }
+            let flags = |sev: crate::drivers::Severity| {
+                reading
+                    .map(|r| {
+                        r.faults
+                            .iter()
+                            .filter(|f| f.severity == sev)
+                            .map(|f| f.name)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            InverterStatus {
+                id: p.cfg.id.clone(),
+                model: p.cfg.model.as_str(),
+                rated_power_w: p.cfg.rated_power_w,
+                health,
+                age_s: age_s(&p.fresh, now),
+                error: p.fresh.last_error.clone(),
+                state: reading.map(|r| r.state),
+                ac_power_w: reading.map(|r| r.ac_power_w),
+                pv_power_w: reading.map(|r| r.pv_power_w),
+                battery_power_w: reading.map(|r| r.battery_power_w),
+                soc_pct: reading.map(|r| r.soc_pct),
+                faults: flags(crate::drivers::Severity::Fault),
+                warnings: flags(crate::drivers::Severity::Warning),
+                phases: p
+                    .cfg
+                    .ac_phases()
+                    .into_iter()
+                    .map(|phase| InverterPhaseStatus {
+                        phase,
+                        power_w: reading
+                            .and_then(|r| r.phases.iter().find(|a| a.phase == phase))
+                            .map(|a| a.power_w),
+                    })
+                    .collect(),
+                serial: p.identity.as_ref().map(|i| i.serial.clone()),
+            }
+        })
+        .collect();
+    if cap_wh > 0.0 {
+        fleet.soc_pct = Some(soc_wh / cap_wh);
+    }
+
+    Status {
+        site: c.site.name.clone(),
+        time: time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        cycle,
+        working_mode: c.working_mode.mode.as_str(),
+        export_limit: limit(
+            c.export_limit.mode,
+            c.export_limit.limit_w,
+            c.export_limit.limit_a,
+        ),
+        import_limit: c
+            .import_limit
+            .as_ref()
+            .map(|i| limit(i.mode, i.limit_w, i.limit_a)),
+        grid,
+        fleet,
+        inverters,
+        meters,
+    }
+}
