@@ -235,3 +235,13 @@ fn ems_check_prints_file_line_col_and_fails() {
     assert!(stderr.contains(&want), "{stderr}");
     assert!(stderr.contains("fix: use an IANA timezone"), "{stderr}");
 }
+
+#[test]
+fn readme_site_example_is_valid() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let start = readme.find("```yaml\n").expect("a yaml example in README") + "```yaml\n".len();
+    let end = start + readme[start..].find("```").unwrap();
+    if let Err(e) = SiteConfig::from_str("README.md", &readme[start..end]) {
+        panic!("README example is invalid:\n{e}");
+    }
+}

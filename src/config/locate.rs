@@ -156,6 +156,8 @@ mod tests {
     use super::*;
 
     #[test]
+    // `path!` builds the Vec the validators pass around.
+    #[allow(clippy::useless_vec)]
     fn locates_nested_nodes_and_falls_back_to_parents() {
         let text = "site:\n  name: x\nlist:\n  - a: 1\n    b: 2\n  - a: 3\n";
         let loc = Locator::new(text);

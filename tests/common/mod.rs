@@ -1,0 +1,118 @@
+//! Shared test harness: a simulated site served over real Modbus TCP on loopback, and the
+//! EMS with its HTTP API on a free port, both stopped when the harness is dropped.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use site_ems::config::SiteConfig;
+use site_ems::sim::SimSite;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct Harness {
+    pub sim: SimSite,
+    pub base: String,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    ems: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Load a shipped site and make it quick to test: a short cycle and staleness limit.
+pub fn fast_site(path: &str) -> SiteConfig {
+    let mut c = SiteConfig::load(Path::new(path)).expect("shipped site is valid");
+    c.control.cycle_ms = 200;
+    c.control.stale_after_s = 1.0;
+    c
+}
+
+impl Harness {
+    pub async fn start(config: SiteConfig) -> Harness {
+        let sim = SimSite::start(&config).await.expect("simulator starts");
+        let ems_config = sim.rewire(&config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let ems = tokio::spawn(site_ems::run::serve(
+            ems_config,
+            listener,
+            sim.clock(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Harness {
+            sim,
+            base,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            ems: Some(ems),
+        }
+    }
+
+    pub async fn status(&self) -> Option<Value> {
+        let r = self
+            .client
+            .get(format!("{}/api/v1/status", self.base))
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
+
+    /// Poll the status until `pred` holds; panic with the last status after `within`.
+    pub async fn wait_for(
+        &self,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut last = None;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(s) = self.status().await {
+                if pred(&s) {
+                    return s;
+                }
+                last = Some(s);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}; last status: {last:#?}");
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(ems) = self.ems.take() {
+            ems.await.expect("ems task").expect("ems shut down cleanly");
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn inverter<'a>(status: &'a Value, id: &str) -> &'a Value {
+    status["inverters"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["id"] == id))
+        .unwrap_or_else(|| panic!("inverter {id} in status"))
+}
+
+pub fn all_healthy(status: &Value) -> bool {
+    status["grid"]["health"] == "ok"
+        && status["inverters"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|i| i["health"] == "ok"))
+}
