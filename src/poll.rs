@@ -34,6 +34,29 @@ impl Freshness {
         self.retry_at.is_none_or(|t| now >= t)
     }
 
+    /// Keep a good reading, or record why there is none. True when the poll succeeded.
+    fn settle<T>(
+        &mut self,
+        slot: &mut Option<T>,
+        result: Result<T, String>,
+        now: Instant,
+        cycle: Duration,
+        device: &str,
+    ) -> bool {
+        match result {
+            Ok(reading) => {
+                *slot = Some(reading);
+                self.ok(now);
+                true
+            }
+            Err(why) => {
+                tracing::debug!(device, "poll failed: {why}");
+                self.fail(now, why, cycle);
+                false
+            }
+        }
+    }
+
     fn ok(&mut self, now: Instant) {
         self.last_ok = Some(now);
         self.last_error = None;
@@ -108,16 +131,11 @@ impl InverterPoller {
                 .map_err(|e| format!("bad data: {e}"))
         }
         .await;
-        match result {
-            Ok(reading) => {
-                self.reading = Some(reading);
-                self.fresh.ok(now);
-            }
-            Err(why) => {
-                tracing::debug!(device = %self.device, "poll failed: {why}");
-                self.fresh.fail(now, why, cycle);
-                return;
-            }
+        if !self
+            .fresh
+            .settle(&mut self.reading, result, now, cycle, &self.device)
+        {
+            return;
         }
         if self
             .identity_read_at
@@ -189,16 +207,11 @@ impl MeterPoller {
             }
             Err(e) => Err(e.to_string()),
         };
-        match result {
-            Ok(reading) => {
-                self.reading = Some(reading);
-                self.fresh.ok(now);
-            }
-            Err(why) => {
-                tracing::debug!(device = %self.device, "poll failed: {why}");
-                self.fresh.fail(now, why, cycle);
-                return;
-            }
+        if !self
+            .fresh
+            .settle(&mut self.reading, result, now, cycle, &self.device)
+        {
+            return;
         }
         if self
             .energy_read_at
