@@ -6,6 +6,7 @@
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod drivers;
 pub mod link;
 pub mod metrics;

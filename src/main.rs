@@ -148,7 +148,7 @@ async fn run(file: &Path, simulate: bool, listen: Option<String>) -> Result<(), 
         }
         (sim.rewire(&config), sim.clock(), Some(sim))
     } else {
-        (config, Arc::new(SystemClock), None)
+        (config, Arc::new(SystemClock::new()), None)
     };
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

@@ -1,11 +1,10 @@
 //! Device pollers: read a device's blocks through its link, decode them with its driver, and
 //! keep its freshness. A timeout, exception or implausible frame marks the device unhealthy
-//! with the reason; its last reading is kept for display only, never as if fresh.
+//! with the reason; its last reading is kept for display only, never as if fresh. Times are
+//! readings of the injected monotonic clock.
 
 use std::sync::Arc;
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use crate::config::{InverterConfig, MeterConfig};
 use crate::drivers::chint::{self, decode_energy, decode_instant, role_sign};
@@ -23,14 +22,14 @@ const SLOW_PERIOD: Duration = Duration::from_secs(60);
 /// When a device last answered well, and why it did not since.
 #[derive(Debug, Clone, Default)]
 pub struct Freshness {
-    pub last_ok: Option<Instant>,
+    pub last_ok: Option<Duration>,
     pub last_error: Option<String>,
     pub failures: u32,
-    retry_at: Option<Instant>,
+    retry_at: Option<Duration>,
 }
 
 impl Freshness {
-    pub fn due(&self, now: Instant) -> bool {
+    pub fn due(&self, now: Duration) -> bool {
         self.retry_at.is_none_or(|t| now >= t)
     }
 
@@ -39,7 +38,7 @@ impl Freshness {
         &mut self,
         slot: &mut Option<T>,
         result: Result<T, String>,
-        now: Instant,
+        now: Duration,
         cycle: Duration,
         device: &str,
     ) -> bool {
@@ -57,14 +56,14 @@ impl Freshness {
         }
     }
 
-    fn ok(&mut self, now: Instant) {
+    fn ok(&mut self, now: Duration) {
         self.last_ok = Some(now);
         self.last_error = None;
         self.failures = 0;
         self.retry_at = None;
     }
 
-    fn fail(&mut self, now: Instant, why: String, cycle: Duration) {
+    fn fail(&mut self, now: Duration, why: String, cycle: Duration) {
         self.failures += 1;
         self.last_error = Some(why);
         if self.failures >= BACKOFF_AFTER {
@@ -73,11 +72,11 @@ impl Freshness {
         }
     }
 
-    pub fn age(&self, now: Instant) -> Option<Duration> {
-        self.last_ok.map(|t| now.saturating_duration_since(t))
+    pub fn age(&self, now: Duration) -> Option<Duration> {
+        self.last_ok.map(|t| now.saturating_sub(t))
     }
 
-    pub fn is_fresh(&self, now: Instant, stale_after: Duration) -> bool {
+    pub fn is_fresh(&self, now: Duration, stale_after: Duration) -> bool {
         self.age(now).is_some_and(|a| a <= stale_after)
     }
 }
@@ -89,7 +88,7 @@ pub struct InverterPoller {
     link: Link,
     pub reading: Option<InverterReading>,
     pub identity: Option<Identity>,
-    identity_read_at: Option<Instant>,
+    identity_read_at: Option<Duration>,
     pub fresh: Freshness,
 }
 
@@ -120,7 +119,7 @@ impl InverterPoller {
     }
 
     /// One poll: the real-time blocks every cycle, identity when due.
-    pub async fn poll(&mut self, now: Instant, cycle: Duration) {
+    pub async fn poll(&mut self, now: Duration, cycle: Duration) {
         if !self.fresh.due(now) {
             return;
         }
@@ -139,7 +138,7 @@ impl InverterPoller {
         }
         if self
             .identity_read_at
-            .is_none_or(|t| now.duration_since(t) >= SLOW_PERIOD * 60)
+            .is_none_or(|t| now.saturating_sub(t) >= SLOW_PERIOD * 60)
         {
             self.identity_read_at = Some(now);
             if let Ok(words) = self.read(saj::IDENTITY).await {
@@ -155,7 +154,7 @@ pub struct MeterPoller {
     link: Link,
     table: Table,
     energy_block: usize,
-    energy_read_at: Option<Instant>,
+    energy_read_at: Option<Duration>,
     pub reading: Option<MeterReading>,
     pub energy: Option<MeterEnergy>,
     pub fresh: Freshness,
@@ -196,7 +195,7 @@ impl MeterPoller {
         }
     }
 
-    pub async fn poll(&mut self, now: Instant, cycle: Duration) {
+    pub async fn poll(&mut self, now: Duration, cycle: Duration) {
         if !self.fresh.due(now) {
             return;
         }
@@ -215,7 +214,7 @@ impl MeterPoller {
         }
         if self
             .energy_read_at
-            .is_none_or(|t| now.duration_since(t) >= SLOW_PERIOD)
+            .is_none_or(|t| now.saturating_sub(t) >= SLOW_PERIOD)
         {
             self.energy_read_at = Some(now);
             self.poll_energy().await;

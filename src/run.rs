@@ -76,11 +76,12 @@ impl Ems {
     pub async fn cycle(&mut self) {
         let started = Instant::now();
         let period = Duration::from_millis(self.config.control.cycle_ms);
-        let meters = join_all(self.meters.iter_mut().map(|m| m.poll(started, period)));
-        let inverters = join_all(self.inverters.iter_mut().map(|i| i.poll(started, period)));
+        let t0 = self.clock.monotonic();
+        let meters = join_all(self.meters.iter_mut().map(|m| m.poll(t0, period)));
+        let inverters = join_all(self.inverters.iter_mut().map(|i| i.poll(t0, period)));
         tokio::join!(meters, inverters);
 
-        let now = Instant::now();
+        let now = self.clock.monotonic();
         self.cycle += 1;
         let status = status::build(
             &self.config,
@@ -97,7 +98,7 @@ impl Ems {
             .observe(started.elapsed().as_secs_f64());
         self.publish.send_replace(Some(Published {
             status: Arc::new(status),
-            at: now,
+            at: Instant::now(),
         }));
     }
 

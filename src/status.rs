@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::time::Instant;
 
 use crate::config::{MeterRole, Phase, SiteConfig};
 use crate::drivers::{PhaseAc, WorkingState};
@@ -128,7 +127,7 @@ pub struct Status {
     pub meters: Vec<MeterStatus>,
 }
 
-fn age_s(f: &Freshness, now: Instant) -> Option<f64> {
+fn age_s(f: &Freshness, now: Duration) -> Option<f64> {
     f.age(now)
         .map(|a| (a.as_secs_f64() * 1000.0).round() / 1000.0)
 }
@@ -151,7 +150,7 @@ fn phase_status(phases: &[Phase], reading: Option<&[PhaseAc]>) -> Vec<PhaseStatu
 fn meter_status(
     c: &SiteConfig,
     m: &MeterPoller,
-    now: Instant,
+    now: Duration,
     stale_after: Duration,
 ) -> MeterStatus {
     let fresh = m.fresh.is_fresh(now, stale_after);
@@ -187,7 +186,7 @@ pub fn build(
     c: &SiteConfig,
     meters: &[MeterPoller],
     inverters: &[InverterPoller],
-    now: Instant,
+    now: Duration,
     time: chrono::DateTime<chrono::Utc>,
     cycle: u64,
 ) -> Status {

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use locate::{Locator, PathSeg};
+pub use validate::parse_hhmm;
 
 /// A whole site file, as written by the installer.
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +112,26 @@ pub struct ControlConfig {
     /// A device whose last good read is older than this is stale.
     #[serde(default = "default_stale_after_s")]
     pub stale_after_s: f64,
+    /// Aim this far inside the export and import limits, so meter noise does not cross them.
+    #[serde(default = "default_grid_margin_w")]
+    pub grid_margin_w: f64,
+    /// Fastest rise of an inverter's output, in % of its rating per second. Falls are
+    /// applied in the same cycle.
+    #[serde(default = "default_ramp_pct_per_s")]
+    pub ramp_pct_per_s: f64,
+    /// Setpoint changes smaller than this are not sent (stops hunting and flash wear).
+    #[serde(default = "default_deadband_w")]
+    pub deadband_w: f64,
+}
+
+fn default_grid_margin_w() -> f64 {
+    50.0
+}
+fn default_ramp_pct_per_s() -> f64 {
+    20.0
+}
+fn default_deadband_w() -> f64 {
+    50.0
 }
 
 fn default_cycle_ms() -> u64 {
@@ -129,6 +150,9 @@ impl Default for ControlConfig {
             cycle_ms: default_cycle_ms(),
             fail_safe_after_s: default_fail_safe_after_s(),
             stale_after_s: default_stale_after_s(),
+            grid_margin_w: default_grid_margin_w(),
+            ramp_pct_per_s: default_ramp_pct_per_s(),
+            deadband_w: default_deadband_w(),
         }
     }
 }

@@ -203,6 +203,37 @@ fn control_and_mode(c: &SiteConfig, r: &mut Report) {
             "use 3 (the default)",
         );
     }
+    for (field, v, lo, hi, hint) in [
+        (
+            "grid_margin_w",
+            c.control.grid_margin_w,
+            0.0,
+            10_000.0,
+            "use 50 (the default) or 0–10000 W",
+        ),
+        (
+            "ramp_pct_per_s",
+            c.control.ramp_pct_per_s,
+            0.1,
+            1000.0,
+            "use 20 (the default) or 0.1–1000 % of rating per second",
+        ),
+        (
+            "deadband_w",
+            c.control.deadband_w,
+            0.0,
+            5000.0,
+            "use 50 (the default) or 0–5000 W",
+        ),
+    ] {
+        if !(lo..=hi).contains(&v) {
+            r.err(
+                path!["control", field],
+                format!("{field} {v} is outside {lo}–{hi}"),
+                hint,
+            );
+        }
+    }
     let w = &c.working_mode;
     if w.mode == WorkingMode::TimeOfUse && w.periods.is_empty() {
         r.err(

@@ -50,8 +50,19 @@ struct Device {
     stop: Option<oneshot::Sender<()>>,
 }
 
+/// One write as it arrived on the wire, and whether the simulated firmware took it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteRecord {
+    pub device: String,
+    pub addr: u16,
+    pub value: u16,
+    pub accepted: bool,
+}
+
 struct World {
     model: SiteModel,
+    writes: Vec<WriteRecord>,
+    started: chrono::DateTime<chrono::Utc>,
     devices: Vec<Device>,
     paused: bool,
     time_factor: f64,
@@ -105,8 +116,11 @@ impl SimSite {
                 stop: None,
             });
         }
+        let model = SiteModel::new(config);
         let world = Arc::new(Mutex::new(World {
-            model: SiteModel::new(config),
+            started: model.now,
+            model,
+            writes: Vec::new(),
             devices,
             paused: false,
             time_factor: config.simulation.time_factor.max(0.0),
@@ -195,6 +209,24 @@ impl SimSite {
         lock(&self.world).paused = paused;
     }
 
+    /// Advance simulated time by `dt_s` in physics ticks (use with [`SimSite::set_paused`]
+    /// to run the site faster than real time).
+    pub fn advance(&self, dt_s: f64) {
+        let mut w = lock(&self.world);
+        let tick = TICK.as_secs_f64();
+        let mut left = dt_s;
+        while left > 1e-9 {
+            let d = left.min(tick);
+            w.model.step(d);
+            left -= d;
+        }
+    }
+
+    /// Every write received so far, in order.
+    pub fn writes(&self) -> Vec<WriteRecord> {
+        lock(&self.world).writes.clone()
+    }
+
     /// Read or change the physics (load steps, faults, ground truth).
     pub fn with_model<T>(&self, f: impl FnOnce(&mut SiteModel) -> T) -> T {
         f(&mut lock(&self.world).model)
@@ -244,6 +276,10 @@ struct SimClock(Arc<Mutex<World>>);
 impl Clock for SimClock {
     fn now(&self) -> chrono::DateTime<chrono::Utc> {
         lock(&self.0).model.now
+    }
+    fn monotonic(&self) -> Duration {
+        let w = lock(&self.0);
+        (w.model.now - w.started).to_std().unwrap_or_default()
     }
 }
 
@@ -324,7 +360,26 @@ impl tokio_modbus::server::Service for DeviceService {
                     Behaviour::Exception(code) => Err(ExceptionCode::new(code)),
                     Behaviour::Normal | Behaviour::Garbage => {
                         let garbage = dev.behaviour == Behaviour::Garbage;
-                        handle(&mut w.model, dev.kind, dev.unit, req.request, garbage)
+                        let written: Vec<(u16, u16)> = match &req.request {
+                            Request::WriteSingleRegister(a, v) => vec![(*a, *v)],
+                            Request::WriteMultipleRegisters(a, vs) => vs
+                                .iter()
+                                .enumerate()
+                                .map(|(k, v)| (a.wrapping_add(k as u16), *v))
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        let result = handle(&mut w.model, dev.kind, dev.unit, req.request, garbage);
+                        let id = dev.id.clone();
+                        for (addr, value) in written {
+                            w.writes.push(WriteRecord {
+                                device: id.clone(),
+                                addr,
+                                value,
+                                accepted: result.is_ok(),
+                            });
+                        }
+                        result
                     }
                 }
             }

@@ -1,0 +1,360 @@
+//! The guard loop's decision: a pure function from what the EMS measured to what each
+//! inverter should do. No sockets, no clock reads — time arrives in the [`Snapshot`].
+//!
+//! Each concern narrows the limits in turn — ratings and SOC bounds, the working mode (and
+//! the plan), then the export and import limits — and [`dispatch`] turns what is left into
+//! per-inverter setpoints. Rises ramp; falls apply in the same cycle; a deadband stops
+//! hunting. If the grid meter has been silent too long, every unit goes to the safe state.
+
+pub mod dispatch;
+pub mod grid_limit;
+pub mod mode;
+pub mod params;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::Phase;
+use grid_limit::{Allowance, Binding};
+pub use params::{ControlParams, GridLimit, UnitParams};
+
+/// The grid meter's latest good reading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GridReading {
+    /// Per phase the grid has: power (+ import) and voltage.
+    pub phases: Vec<(Phase, f64, f64)>,
+    /// Seconds since this reading.
+    pub age_s: f64,
+}
+
+/// A unit's fresh measurements, in our signs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitReading {
+    /// AC output per phase, index 0 = L1; + delivered.
+    pub ac_phase_w: [f64; 3],
+    pub ac_w: f64,
+    pub pv_w: f64,
+    pub battery_w: f64,
+    pub soc_pct: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitHealth {
+    Ok,
+    Stale,
+    Faulted,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitInput {
+    pub health: UnitHealth,
+    /// Present when the unit's last read is fresh (also when it reports a fault).
+    pub reading: Option<UnitReading>,
+}
+
+/// Everything the decision depends on, for one cycle.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub time: DateTime<Utc>,
+    /// Monotonic seconds, for ramps.
+    pub mono_s: f64,
+    pub grid: Option<GridReading>,
+    /// One per configured inverter, in config order.
+    pub units: Vec<UnitInput>,
+    /// Plan-mode battery targets per unit (+ discharge), when a plan is in force.
+    pub plan: Option<Vec<Option<f64>>>,
+}
+
+/// What one inverter is told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Setpoint {
+    /// + discharge, − charge.
+    pub battery_w: f64,
+    /// Most AC power the unit may deliver; its firmware curtails PV above it.
+    pub output_cap_w: f64,
+}
+
+/// Memory between cycles: the last setpoints, for ramps and the deadband.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ControlState {
+    last_s: Option<f64>,
+    setpoints: Vec<Option<Setpoint>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    /// Per unit, in config order; `None` for a unit that cannot be commanded now.
+    pub setpoints: Vec<Option<Setpoint>>,
+    pub fail_safe: bool,
+    /// The constraint that held the fleet back, e.g. `export_limit:L2`, `soc`, `fail_safe`.
+    pub binding: Option<String>,
+    /// Behaviour in force: `self_consumption`, `tou_charge`, `backup`, `plan`, `fail_safe`.
+    pub active_mode: &'static str,
+    pub fleet_target_w: f64,
+    /// Grid power per phase (+ import) expected once the setpoints take effect.
+    pub predicted_grid_w: [f64; 3],
+}
+
+/// A unit as the concerns see it while narrowing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitView {
+    pub controllable: bool,
+    pub rated_w: f64,
+    pub weight: [f64; 3],
+    pub three_phase: bool,
+    pub soc_pct: f64,
+    /// PV the unit could convert now (an estimate while it is curtailed).
+    pub pv_w: f64,
+    /// PV it is planned to convert.
+    pub pv_used_w: f64,
+    /// Battery window, + discharge.
+    pub lo: f64,
+    pub hi: f64,
+    pub battery_w: f64,
+}
+
+/// Fastest rise per cycle for a unit.
+fn ramp_w(p: &ControlParams, rated_w: f64, dt_s: f64) -> f64 {
+    rated_w * p.ramp_pct_per_s / 100.0 * dt_s
+}
+
+/// Charge power a unit may take from its rating, battery and SOC.
+fn charge_room(u: &UnitParams, soc_pct: f64) -> f64 {
+    if soc_pct >= u.soc_max_pct {
+        0.0
+    } else {
+        u.max_charge_w.min(u.rated_w)
+    }
+}
+
+fn discharge_room(u: &UnitParams, soc_pct: f64) -> f64 {
+    if soc_pct <= u.soc_min_pct {
+        0.0
+    } else {
+        u.max_discharge_w.min(u.rated_w)
+    }
+}
+
+/// One cycle's decision.
+pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, ControlState) {
+    let dt_s = prev
+        .last_s
+        .map(|t| (s.mono_s - t).clamp(0.0, 10.0))
+        .unwrap_or(p.cycle_s);
+    let prev_sp = |k: usize| prev.setpoints.get(k).copied().flatten();
+
+    let grid = s.grid.as_ref().filter(|g| g.age_s <= p.fail_safe_after_s);
+    let Some(grid) = grid else {
+        return fail_safe(p, s);
+    };
+
+    let mut net_w = [0.0; 3];
+    let mut voltage_v = [p.nominal_v; 3];
+    for &(phase, power_w, v) in &grid.phases {
+        net_w[phase.index()] = power_w;
+        if v > 50.0 {
+            voltage_v[phase.index()] = v;
+        }
+    }
+
+    // Ratings and SOC bounds.
+    let mut soc_bound = false;
+    let mut units: Vec<UnitView> = p
+        .units
+        .iter()
+        .enumerate()
+        .map(|(k, up)| {
+            let input = s.units.get(k);
+            let reading = input.and_then(|i| i.reading.as_ref());
+            let controllable =
+                input.is_some_and(|i| i.health == UnitHealth::Ok) && reading.is_some();
+            let mut weight = [0.0; 3];
+            for ph in Phase::ALL {
+                weight[ph.index()] = up.weight(ph);
+            }
+            let mut view = UnitView {
+                controllable,
+                rated_w: up.rated_w,
+                weight,
+                three_phase: up.is_three_phase(),
+                soc_pct: 0.0,
+                pv_w: 0.0,
+                pv_used_w: 0.0,
+                lo: 0.0,
+                hi: 0.0,
+                battery_w: 0.0,
+            };
+            if let (true, Some(r)) = (controllable, reading) {
+                for (n, a) in net_w.iter_mut().zip(r.ac_phase_w) {
+                    *n += a;
+                }
+                // While the unit sits at its output cap its PV may be curtailed: offer it a
+                // little more each cycle, so PV comes back when the limits allow.
+                let capped = prev_sp(k).is_some_and(|sp| {
+                    sp.output_cap_w < up.rated_w - 1.0
+                        && r.ac_w >= sp.output_cap_w - 0.01 * up.rated_w
+                });
+                let probe = if capped {
+                    ramp_w(p, up.rated_w, dt_s)
+                } else {
+                    0.0
+                };
+                view.pv_w = r.pv_w.max(0.0) + probe;
+                view.soc_pct = r.soc_pct;
+                let chg = charge_room(up, r.soc_pct);
+                let dis = discharge_room(up, r.soc_pct);
+                soc_bound |= chg == 0.0 || dis == 0.0;
+                // The AC side must stay within the rating too.
+                view.hi = dis.min((up.rated_w - view.pv_w).max(0.0));
+                view.lo = -chg.min(up.rated_w + view.pv_w);
+                view.pv_used_w = view.pv_w;
+            }
+            view
+        })
+        .collect();
+
+    let pv_total: f64 = units
+        .iter()
+        .filter(|u| u.controllable)
+        .map(|u| u.pv_w)
+        .sum();
+    let self_use_w = net_w.iter().sum::<f64>() - pv_total;
+
+    // Working mode (and plan).
+    let intent = mode::apply(&p.mode, s.time, &mut units, self_use_w, s.plan.as_deref());
+    dispatch::share(&mut units, &intent.fixed_w, intent.fleet_target_w);
+    for u in units.iter_mut().filter(|u| u.controllable) {
+        // PV beyond the rating is clipped by the inverter itself.
+        u.pv_used_w = u.pv_used_w.min((u.rated_w - u.battery_w).max(0.0));
+    }
+
+    // Export and import limits.
+    let export = Allowance::new(p.export, &p.phases, voltage_v, p.margin_w);
+    let mut binding = grid_limit::hold_export(&mut units, net_w, export);
+    if let Some(import) = p.import {
+        let allowance = Allowance::new(import, &p.phases, voltage_v, p.margin_w);
+        let b = grid_limit::hold_import(&mut units, net_w, allowance);
+        binding = binding.or(b);
+    }
+    let export_binding = binding.is_some_and(Binding::is_export);
+
+    // Output caps: the planned output plus this unit's share of what the limit leaves.
+    let residual = grid_limit::residual_share(&units, net_w, export);
+    let mut setpoints = vec![None; units.len()];
+    for (k, u) in units.iter().enumerate() {
+        if !u.controllable {
+            continue;
+        }
+        let curtailed = u.pv_used_w < u.pv_w - 1.0;
+        let planned = u.pv_used_w + u.battery_w;
+        let cap = if curtailed {
+            planned
+        } else {
+            planned + residual[k]
+        };
+        let mut sp = Setpoint {
+            battery_w: u.battery_w,
+            output_cap_w: cap.clamp(0.0, u.rated_w),
+        };
+        let before = prev_sp(k).unwrap_or(Setpoint {
+            battery_w: s.units[k].reading.as_ref().map_or(0.0, |r| r.battery_w),
+            output_cap_w: u.rated_w,
+        });
+        let ramp = ramp_w(p, u.rated_w, dt_s);
+        sp.battery_w = settle(
+            sp.battery_w,
+            before.battery_w,
+            ramp,
+            p.deadband_w,
+            export_binding,
+        );
+        sp.battery_w = sp.battery_w.clamp(u.lo.min(u.hi), u.hi.max(u.lo));
+        sp.output_cap_w = settle(
+            sp.output_cap_w,
+            before.output_cap_w,
+            ramp,
+            p.deadband_w,
+            export_binding,
+        )
+        .clamp(0.0, u.rated_w);
+        setpoints[k] = Some(sp);
+    }
+
+    // The outcome, as the setpoints will make it.
+    let mut after = units.clone();
+    for (u, sp) in after.iter_mut().zip(&setpoints) {
+        if let Some(sp) = sp {
+            u.battery_w = sp.battery_w;
+            u.pv_used_w = u.pv_used_w.min((sp.output_cap_w - sp.battery_w).max(0.0));
+        }
+    }
+    let predicted_grid_w = grid_limit::predict(&after, net_w);
+
+    let binding = binding
+        .map(Binding::label)
+        .or_else(|| soc_bound.then(|| "soc".to_string()));
+    let decision = Decision {
+        setpoints: setpoints.clone(),
+        fail_safe: false,
+        binding,
+        active_mode: intent.active,
+        fleet_target_w: intent.fleet_target_w,
+        predicted_grid_w,
+    };
+    (
+        decision,
+        ControlState {
+            last_s: Some(s.mono_s),
+            setpoints,
+        },
+    )
+}
+
+/// Move from `before` towards `want`: rises by at most `ramp`, falls at once; changes under
+/// `deadband` are dropped unless they are falls the export limit needs.
+fn settle(want: f64, before: f64, ramp: f64, deadband: f64, export_binding: bool) -> f64 {
+    let next = if want > before {
+        want.min(before + ramp)
+    } else {
+        want
+    };
+    if (next - before).abs() < deadband && !(next < before && export_binding) {
+        before
+    } else {
+        next
+    }
+}
+
+/// Grid meter lost: zero export from every unit that can be reached — no output above zero,
+/// and the battery either idle or soaking up the unit's own PV.
+fn fail_safe(p: &ControlParams, s: &Snapshot) -> (Decision, ControlState) {
+    let setpoints: Vec<Option<Setpoint>> = p
+        .units
+        .iter()
+        .enumerate()
+        .map(|(k, up)| {
+            let r = s.units.get(k)?.reading.as_ref()?;
+            Some(Setpoint {
+                battery_w: -r.pv_w.max(0.0).min(charge_room(up, r.soc_pct)),
+                output_cap_w: 0.0,
+            })
+        })
+        .collect();
+    (
+        Decision {
+            setpoints: setpoints.clone(),
+            fail_safe: true,
+            binding: Some("fail_safe".into()),
+            active_mode: "fail_safe",
+            fleet_target_w: 0.0,
+            predicted_grid_w: [0.0; 3],
+        },
+        ControlState {
+            last_s: Some(s.mono_s),
+            setpoints,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests;

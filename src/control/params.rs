@@ -1,0 +1,154 @@
+//! What the controller needs from the site file, as plain numbers.
+
+use chrono_tz::Tz;
+
+use crate::config::parse_hhmm;
+use crate::config::{
+    LimitMode, Phase, SiteConfig, TouKind, Weekday, WorkingMode, WorkingModeConfig,
+};
+
+/// A limit at the grid connection, per phase or for the sum of phases.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GridLimit {
+    /// Sum of phases, W.
+    Total(f64),
+    /// Every phase, W.
+    PhasePower(f64),
+    /// Every phase, A (turned into W with the measured phase voltage).
+    PhaseCurrent(f64),
+}
+
+impl GridLimit {
+    fn from_parts(mode: LimitMode, limit_w: Option<f64>, limit_a: Option<f64>) -> GridLimit {
+        match mode {
+            LimitMode::TotalPower => GridLimit::Total(limit_w.unwrap_or(0.0)),
+            LimitMode::PhasePower => GridLimit::PhasePower(limit_w.unwrap_or(0.0)),
+            LimitMode::PhaseCurrent => GridLimit::PhaseCurrent(limit_a.unwrap_or(0.0)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitParams {
+    pub id: String,
+    pub rated_w: f64,
+    pub phases: Vec<Phase>,
+    pub max_charge_w: f64,
+    pub max_discharge_w: f64,
+    pub soc_min_pct: f64,
+    pub soc_max_pct: f64,
+}
+
+impl UnitParams {
+    /// Share of this unit's AC output that lands on `phase`.
+    pub fn weight(&self, phase: Phase) -> f64 {
+        if self.phases.contains(&phase) {
+            1.0 / self.phases.len() as f64
+        } else {
+            0.0
+        }
+    }
+
+    pub fn is_three_phase(&self) -> bool {
+        self.phases.len() > 1
+    }
+}
+
+/// A time-of-use window, minutes from local midnight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TouWindow {
+    pub kind: TouKind,
+    /// Bit 0 = Monday … bit 6 = Sunday.
+    pub days: u8,
+    pub start_min: u32,
+    pub end_min: u32,
+    pub power_w: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModeParams {
+    pub mode: WorkingMode,
+    pub tz: Tz,
+    pub windows: Vec<TouWindow>,
+    pub reserve_soc_pct: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlParams {
+    pub phases: Vec<Phase>,
+    pub nominal_v: f64,
+    pub export: GridLimit,
+    pub import: Option<GridLimit>,
+    pub margin_w: f64,
+    pub ramp_pct_per_s: f64,
+    pub deadband_w: f64,
+    pub fail_safe_after_s: f64,
+    pub cycle_s: f64,
+    pub mode: ModeParams,
+    pub units: Vec<UnitParams>,
+}
+
+fn day_bit(d: Weekday) -> u8 {
+    1 << (d as u8)
+}
+
+pub fn mode_params(w: &WorkingModeConfig, tz: Tz) -> ModeParams {
+    ModeParams {
+        mode: w.mode,
+        tz,
+        windows: w
+            .periods
+            .iter()
+            .map(|p| TouWindow {
+                kind: p.kind,
+                days: if p.days.is_empty() {
+                    0x7F
+                } else {
+                    p.days.iter().fold(0, |m, d| m | day_bit(*d))
+                },
+                start_min: parse_hhmm(&p.start).unwrap_or(0),
+                end_min: parse_hhmm(&p.end).unwrap_or(0),
+                power_w: p.power_w,
+            })
+            .collect(),
+        reserve_soc_pct: w.reserve_soc_pct.unwrap_or(0.0),
+    }
+}
+
+impl ControlParams {
+    pub fn from_config(c: &SiteConfig) -> ControlParams {
+        let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+        ControlParams {
+            phases: c.phases(),
+            nominal_v: c.grid.nominal_voltage_v,
+            export: GridLimit::from_parts(
+                c.export_limit.mode,
+                c.export_limit.limit_w,
+                c.export_limit.limit_a,
+            ),
+            import: c
+                .import_limit
+                .as_ref()
+                .map(|i| GridLimit::from_parts(i.mode, i.limit_w, i.limit_a)),
+            margin_w: c.control.grid_margin_w,
+            ramp_pct_per_s: c.control.ramp_pct_per_s,
+            deadband_w: c.control.deadband_w,
+            fail_safe_after_s: c.control.fail_safe_after_s,
+            cycle_s: c.control.cycle_ms as f64 / 1000.0,
+            mode: mode_params(&c.working_mode, tz),
+            units: c
+                .inverters
+                .iter()
+                .map(|i| UnitParams {
+                    id: i.id.clone(),
+                    rated_w: i.rated_power_w,
+                    phases: i.ac_phases(),
+                    max_charge_w: i.battery.max_charge_w,
+                    max_discharge_w: i.battery.max_discharge_w,
+                    soc_min_pct: i.battery.soc_min_pct,
+                    soc_max_pct: i.battery.soc_max_pct,
+                })
+                .collect(),
+        }
+    }
+}
