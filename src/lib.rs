@@ -3,6 +3,7 @@
 //! The crate is split into a functional core (config, drivers' decoding, site physics of the
 //! simulator) and an I/O shell (Modbus links, the poller, the HTTP API).
 
+pub mod actuator;
 pub mod api;
 pub mod clock;
 pub mod config;

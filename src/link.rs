@@ -1,6 +1,7 @@
 //! Modbus links: one task per transport (a TCP endpoint or an RS485 pair) that owns the
 //! connection and serialises requests, so there is never more than one in flight per link.
-//! Each request has a timeout; a link that cannot connect backs off before trying again.
+//! Each request has a timeout. How often a failing device is retried is the poller's call
+//! (on the injected clock); the link just connects when asked.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,12 +119,6 @@ impl Link {
     }
 }
 
-/// Reconnect delay after `failures` consecutive failed connects: 0.2 s doubling to 5 s.
-pub fn backoff(failures: u32) -> Duration {
-    let ms = 200u64.saturating_mul(1 << failures.saturating_sub(1).min(5));
-    Duration::from_millis(ms.min(5000))
-}
-
 /// Silence after each RTU transaction: 3.5 character times (11 bits each), and at least
 /// 1.75 ms above 19200 baud, per the Modbus serial-line rule.
 pub fn inter_frame_gap(baud: u32) -> Duration {
@@ -191,26 +186,14 @@ async fn run(cfg: LinkConfig, mut rx: mpsc::Receiver<Job>, metrics: Option<Arc<M
         LinkKind::Tcp => None,
     };
     let mut ctx: Option<Context> = None;
-    let mut connect_failures = 0u32;
-    let mut retry_at = Instant::now();
 
     while let Some(job) = rx.recv().await {
         let started = Instant::now();
         let result = 'job: {
             if ctx.is_none() {
-                if Instant::now() < retry_at {
-                    break 'job Err(LinkError::Connect(format!(
-                        "backing off after {connect_failures} failed attempts"
-                    )));
-                }
                 match timeout(request_timeout, connect(&cfg)).await {
-                    Ok(Ok(c)) => {
-                        connect_failures = 0;
-                        ctx = Some(c);
-                    }
+                    Ok(Ok(c)) => ctx = Some(c),
                     outcome => {
-                        connect_failures += 1;
-                        retry_at = Instant::now() + backoff(connect_failures);
                         let why = match outcome {
                             Ok(Err(e)) => e.to_string(),
                             _ => "timed out".to_string(),
@@ -261,13 +244,6 @@ async fn run(cfg: LinkConfig, mut rx: mpsc::Receiver<Job>, metrics: Option<Arc<M
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_cap() {
-        assert_eq!(backoff(1), Duration::from_millis(200));
-        assert_eq!(backoff(2), Duration::from_millis(400));
-        assert_eq!(backoff(30), Duration::from_millis(5000));
-    }
 
     #[test]
     fn rtu_gap_follows_the_serial_line_rule() {

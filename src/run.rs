@@ -12,9 +12,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::actuator::Actuator;
 use crate::api::{self, AppState, Published};
 use crate::clock::Clock;
-use crate::config::SiteConfig;
+use crate::config::{MeterRole, SiteConfig};
+use crate::control::{self, ControlParams, ControlState, Decision};
+use crate::drivers::saj;
 use crate::link::Link;
 use crate::metrics::Metrics;
 use crate::poll::{InverterPoller, MeterPoller};
@@ -24,6 +27,12 @@ pub struct Ems {
     config: SiteConfig,
     meters: Vec<MeterPoller>,
     inverters: Vec<InverterPoller>,
+    actuators: Vec<Actuator>,
+    params: ControlParams,
+    state: ControlState,
+    decision: Option<Decision>,
+    /// Plan-mode targets per inverter, set by the planner.
+    plan: Option<Vec<Option<f64>>>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     publish: watch::Sender<Option<Published>>,
@@ -46,10 +55,21 @@ impl Ems {
             .iter()
             .filter_map(|m| Some(MeterPoller::new(m.clone(), link_of(&m.link)?)))
             .collect();
-        let inverters = config
+        let inverters: Vec<InverterPoller> = config
             .inverters
             .iter()
             .filter_map(|i| Some(InverterPoller::new(i.clone(), link_of(&i.link)?)))
+            .collect();
+        let actuators = inverters
+            .iter()
+            .map(|p| {
+                Actuator::new(
+                    p.device.clone(),
+                    p.cfg.unit_id,
+                    p.cfg.rated_power_w,
+                    p.link().clone(),
+                )
+            })
             .collect();
         let (publish, rx) = watch::channel(None);
         let cycle = Duration::from_millis(config.control.cycle_ms);
@@ -60,9 +80,14 @@ impl Ems {
         };
         (
             Ems {
+                params: ControlParams::from_config(&config),
                 config,
                 meters,
                 inverters,
+                actuators,
+                state: ControlState::default(),
+                decision: None,
+                plan: None,
                 metrics,
                 clock,
                 publish,
@@ -72,7 +97,121 @@ impl Ems {
         )
     }
 
-    /// One cycle: poll every device (links run in parallel), then publish the status.
+    /// Targets for plan mode (+ discharge per inverter, config order); `None` when no plan is
+    /// in force, which means self-consumption.
+    pub fn set_plan(&mut self, plan: Option<Vec<Option<f64>>>) {
+        self.plan = plan;
+    }
+
+    pub fn last_decision(&self) -> Option<&Decision> {
+        self.decision.as_ref()
+    }
+
+    /// What the controller sees: fresh readings only, with the grid reading's age.
+    fn snapshot(&self, now: Duration) -> control::Snapshot {
+        let stale_after = Duration::from_secs_f64(self.config.control.stale_after_s);
+        let grid = self
+            .meters
+            .iter()
+            .find(|m| m.cfg.role == MeterRole::Grid)
+            .and_then(|m| {
+                let reading = m.reading.as_ref()?;
+                let age = m.fresh.age(now)?;
+                Some(control::GridReading {
+                    phases: reading
+                        .phases
+                        .iter()
+                        .map(|p| (p.phase, p.power_w, p.voltage_v))
+                        .collect(),
+                    age_s: age.as_secs_f64(),
+                })
+            });
+        let units = self
+            .inverters
+            .iter()
+            .map(|p| {
+                let reading = p
+                    .reading
+                    .as_ref()
+                    .filter(|_| p.fresh.is_fresh(now, stale_after));
+                control::UnitInput {
+                    health: match reading {
+                        None => control::UnitHealth::Stale,
+                        Some(r) if r.has_fault() => control::UnitHealth::Faulted,
+                        Some(_) => control::UnitHealth::Ok,
+                    },
+                    reading: reading.map(|r| {
+                        let mut ac_phase_w = [0.0; 3];
+                        for a in &r.phases {
+                            ac_phase_w[a.phase.index()] = a.power_w;
+                        }
+                        control::UnitReading {
+                            ac_phase_w,
+                            ac_w: r.ac_power_w,
+                            pv_w: r.pv_power_w,
+                            battery_w: r.battery_power_w,
+                            soc_pct: r.soc_pct,
+                        }
+                    }),
+                }
+            })
+            .collect();
+        control::Snapshot {
+            time: self.clock.now(),
+            mono_s: now.as_secs_f64(),
+            grid,
+            units,
+            plan: self.plan.clone(),
+        }
+    }
+
+    /// Decide and write: every commanded unit in parallel (each on its own link task).
+    async fn control(&mut self, now: Duration) {
+        let snapshot = self.snapshot(now);
+        let (decision, state) = control::step(&self.params, &snapshot, &self.state);
+        self.state = state;
+        for (poller, actuator) in self.inverters.iter().zip(self.actuators.iter_mut()) {
+            // A unit that left passive mode (reboot, app, installer) gets everything again.
+            if actuator.controls()
+                && poller
+                    .reading
+                    .as_ref()
+                    .is_some_and(|r| r.app_mode != saj::app_mode::PASSIVE)
+            {
+                actuator.invalidate();
+            }
+        }
+        let writes = self
+            .actuators
+            .iter_mut()
+            .zip(&decision.setpoints)
+            .filter_map(|(a, sp)| {
+                let sp = (*sp)?;
+                Some(async move {
+                    let cmd = saj::Command {
+                        battery_w: sp.battery_w,
+                        output_cap_w: sp.output_cap_w,
+                    };
+                    if let Err(e) = a.apply(&cmd).await {
+                        tracing::debug!("setpoint not written: {e}");
+                    }
+                })
+            });
+        join_all(writes).await;
+        self.decision = Some(decision);
+    }
+
+    /// Give every unit we took over back its own settings.
+    pub async fn restore(&mut self) {
+        let restores = self.actuators.iter_mut().map(|a| a.restore());
+        for r in join_all(restores).await {
+            if let Err(e) = r {
+                tracing::warn!("could not restore an inverter's own settings: {e}");
+            }
+        }
+    }
+
+    /// One cycle: poll every device (links run in parallel), decide, write, publish.
     pub async fn cycle(&mut self) {
         let started = Instant::now();
         let period = Duration::from_millis(self.config.control.cycle_ms);
@@ -82,11 +221,13 @@ impl Ems {
         tokio::join!(meters, inverters);
 
         let now = self.clock.monotonic();
+        self.control(now).await;
         self.cycle += 1;
         let status = status::build(
             &self.config,
             &self.meters,
             &self.inverters,
+            self.decision.as_ref(),
             now,
             self.clock.now(),
             self.cycle,
@@ -113,6 +254,7 @@ impl Ems {
                 _ = tick.tick() => self.cycle().await,
             }
         }
+        self.restore().await;
     }
 }
 

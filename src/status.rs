@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::{MeterRole, Phase, SiteConfig};
+use crate::control::{Decision, Setpoint};
 use crate::drivers::{PhaseAc, WorkingState};
 use crate::poll::{Freshness, InverterPoller, MeterPoller};
 
@@ -52,7 +53,7 @@ pub struct GridStatus {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct InverterPhaseStatus {
+pub struct PhasePower {
     pub phase: Phase,
     /// + delivered to the site bus.
     pub power_w: Option<f64>,
@@ -75,8 +76,10 @@ pub struct InverterStatus {
     pub soc_pct: Option<f64>,
     pub faults: Vec<&'static str>,
     pub warnings: Vec<&'static str>,
-    pub phases: Vec<InverterPhaseStatus>,
+    pub phases: Vec<PhasePower>,
     pub serial: Option<String>,
+    /// What the EMS told the unit this cycle; `null` when it could not be commanded.
+    pub setpoint: Option<Setpoint>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -113,6 +116,18 @@ pub struct LimitStatus {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ControlStatus {
+    pub fail_safe: bool,
+    /// The constraint holding the fleet back: `export_limit`, `export_limit:L2`,
+    /// `import_limit`, `soc`, `fail_safe`, or `null`.
+    pub binding: Option<String>,
+    pub active_mode: &'static str,
+    /// Fleet battery power the mode aims for, + discharge.
+    pub fleet_target_w: f64,
+    pub predicted_grid_w: Vec<PhasePower>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Status {
     pub site: String,
     /// Site time (the simulator's under `--simulate`), RFC 3339 UTC.
@@ -122,6 +137,7 @@ pub struct Status {
     pub export_limit: LimitStatus,
     pub import_limit: Option<LimitStatus>,
     pub grid: GridStatus,
+    pub control: Option<ControlStatus>,
     pub fleet: FleetStatus,
     pub inverters: Vec<InverterStatus>,
     pub meters: Vec<MeterStatus>,
@@ -186,6 +202,7 @@ pub fn build(
     c: &SiteConfig,
     meters: &[MeterPoller],
     inverters: &[InverterPoller],
+    decision: Option<&Decision>,
     now: Duration,
     time: chrono::DateTime<chrono::Utc>,
     cycle: u64,
@@ -225,7 +242,8 @@ pub fn build(
     let (mut soc_wh, mut cap_wh) = (0.0, 0.0);
     let inverters: Vec<InverterStatus> = inverters
         .iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(k, p)| {
             let fresh = p.fresh.is_fresh(now, stale_after);
             let reading = p.reading.as_ref().filter(|_| fresh);
             let health = match reading {
@@ -272,7 +290,7 @@ pub fn build(
                     .cfg
                     .ac_phases()
                     .into_iter()
-                    .map(|phase| InverterPhaseStatus {
+                    .map(|phase| PhasePower {
                         phase,
                         power_w: reading
                             .and_then(|r| r.phases.iter().find(|a| a.phase == phase))
@@ -280,6 +298,7 @@ pub fn build(
                     })
                     .collect(),
                 serial: p.identity.as_ref().map(|i| i.serial.clone()),
+                setpoint: decision.and_then(|d| d.setpoints.get(k).copied().flatten()),
             }
         })
         .collect();
@@ -302,6 +321,20 @@ pub fn build(
             .as_ref()
             .map(|i| limit(i.mode, i.limit_w, i.limit_a)),
         grid,
+        control: decision.map(|d| ControlStatus {
+            fail_safe: d.fail_safe,
+            binding: d.binding.clone(),
+            active_mode: d.active_mode,
+            fleet_target_w: d.fleet_target_w,
+            predicted_grid_w: c
+                .phases()
+                .into_iter()
+                .map(|phase| PhasePower {
+                    phase,
+                    power_w: Some(d.predicted_grid_w[phase.index()]),
+                })
+                .collect(),
+        }),
         fleet,
         inverters,
         meters,

@@ -79,6 +79,8 @@ pub struct Setpoint {
 pub struct ControlState {
     last_s: Option<f64>,
     setpoints: Vec<Option<Setpoint>>,
+    /// Units whose PV was curtailed last cycle: what they report is less than they have.
+    curtailed: Vec<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -116,6 +118,11 @@ pub struct UnitView {
 /// Fastest rise per cycle for a unit.
 fn ramp_w(p: &ControlParams, rated_w: f64, dt_s: f64) -> f64 {
     rated_w * p.ramp_pct_per_s / 100.0 * dt_s
+}
+
+/// Headroom above the planned output that lets a PV rise show up in the next reading.
+fn probe_w(p: &ControlParams, rated_w: f64, dt_s: f64) -> f64 {
+    ramp_w(p, rated_w, dt_s).min(0.05 * rated_w)
 }
 
 /// Charge power a unit may take from its rating, battery and SOC.
@@ -188,14 +195,11 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
                 for (n, a) in net_w.iter_mut().zip(r.ac_phase_w) {
                     *n += a;
                 }
-                // While the unit sits at its output cap its PV may be curtailed: offer it a
-                // little more each cycle, so PV comes back when the limits allow.
-                let capped = prev_sp(k).is_some_and(|sp| {
-                    sp.output_cap_w < up.rated_w - 1.0
-                        && r.ac_w >= sp.output_cap_w - 0.01 * up.rated_w
-                });
-                let probe = if capped {
-                    ramp_w(p, up.rated_w, dt_s)
+                // A curtailed unit reports the PV it was allowed, not what it has: offer it a
+                // little more each cycle, so PV comes back as soon as the limits allow.
+                let curtailed = prev.curtailed.get(k).copied().unwrap_or(false);
+                let probe = if curtailed {
+                    probe_w(p, up.rated_w, dt_s)
                 } else {
                     0.0
                 };
@@ -238,19 +242,21 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
     }
     let export_binding = binding.is_some_and(Binding::is_export);
 
-    // Output caps: the planned output plus this unit's share of what the limit leaves.
+    // Output caps: the planned output plus this unit's share of what the limit leaves (or
+    // a small probe, so more PV can show itself); exactly the plan while curtailing.
     let residual = grid_limit::residual_share(&units, net_w, export);
     let mut setpoints = vec![None; units.len()];
+    let mut curtailed = vec![false; units.len()];
     for (k, u) in units.iter().enumerate() {
         if !u.controllable {
             continue;
         }
-        let curtailed = u.pv_used_w < u.pv_w - 1.0;
+        curtailed[k] = u.pv_used_w < u.pv_w - 1.0;
         let planned = u.pv_used_w + u.battery_w;
-        let cap = if curtailed {
+        let cap = if curtailed[k] {
             planned
         } else {
-            planned + residual[k]
+            planned + residual[k].max(probe_w(p, u.rated_w, dt_s))
         };
         let mut sp = Setpoint {
             battery_w: u.battery_w,
@@ -269,6 +275,8 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             export_binding,
         );
         sp.battery_w = sp.battery_w.clamp(u.lo.min(u.hi), u.hi.max(u.lo));
+        let up = &p.units[k];
+        sp.battery_w = up.quantize(sp.battery_w);
         sp.output_cap_w = settle(
             sp.output_cap_w,
             before.output_cap_w,
@@ -277,6 +285,7 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             export_binding,
         )
         .clamp(0.0, u.rated_w);
+        sp.output_cap_w = up.quantize(sp.output_cap_w);
         setpoints[k] = Some(sp);
     }
 
@@ -306,6 +315,7 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         ControlState {
             last_s: Some(s.mono_s),
             setpoints,
+            curtailed,
         },
     )
 }
@@ -351,6 +361,7 @@ fn fail_safe(p: &ControlParams, s: &Snapshot) -> (Decision, ControlState) {
         },
         ControlState {
             last_s: Some(s.mono_s),
+            curtailed: vec![false; setpoints.len()],
             setpoints,
         },
     )

@@ -19,7 +19,7 @@ pub struct ModeIntent {
 }
 
 /// The window in force at `now`, if any.
-pub fn active_window<'a>(m: &'a ModeParams, now: DateTime<Utc>) -> Option<&'a TouWindow> {
+pub fn active_window(m: &ModeParams, now: DateTime<Utc>) -> Option<&TouWindow> {
     let local = now.with_timezone(&m.tz);
     let minute = local.hour() * 60 + local.minute();
     let today = local.weekday().num_days_from_monday() as u8;

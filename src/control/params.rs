@@ -37,9 +37,21 @@ pub struct UnitParams {
     pub max_discharge_w: f64,
     pub soc_min_pct: f64,
     pub soc_max_pct: f64,
+    /// Smallest step the unit's setpoint registers can express (per-mille of its rating).
+    pub step_w: f64,
 }
 
 impl UnitParams {
+    /// Round `w` down to a step the unit can be told: the unit never delivers more than
+    /// the controller planned.
+    pub fn quantize(&self, w: f64) -> f64 {
+        if self.step_w > 0.0 {
+            (w / self.step_w).floor() * self.step_w
+        } else {
+            w
+        }
+    }
+
     /// Share of this unit's AC output that lands on `phase`.
     pub fn weight(&self, phase: Phase) -> f64 {
         if self.phases.contains(&phase) {
@@ -147,6 +159,7 @@ impl ControlParams {
                     max_discharge_w: i.battery.max_discharge_w,
                     soc_min_pct: i.battery.soc_min_pct,
                     soc_max_pct: i.battery.soc_max_pct,
+                    step_w: i.rated_power_w / 1000.0,
                 })
                 .collect(),
         }

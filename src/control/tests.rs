@@ -13,6 +13,7 @@ fn unit(id: &str, rated_w: f64, phases: Vec<Phase>) -> UnitParams {
         max_discharge_w: rated_w,
         soc_min_pct: 10.0,
         soc_max_pct: 100.0,
+        step_w: 0.0,
     }
 }
 

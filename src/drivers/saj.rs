@@ -644,6 +644,94 @@ pub fn watts_to_permille(power_w: f64, rated_power_w: f64, max_permille: u16) ->
     permille.clamp(0.0, f64::from(max_permille)) as u16
 }
 
+/// A battery and output-cap command for one unit, in our signs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Command {
+    /// + discharge, − charge.
+    pub battery_w: f64,
+    /// Most AC power the unit may deliver.
+    pub output_cap_w: f64,
+}
+
+/// Registers the EMS takes over while it controls a unit, and gives back on shutdown.
+pub const CONTROLLED: [u16; 6] = [
+    reg::PASSIVE_ENABLE,
+    reg::PASSIVE_BAT_CHARGE,
+    reg::PASSIVE_BAT_DISCHARGE,
+    reg::APP_MODE,
+    reg::ANTI_REFLUX_MODE,
+    reg::ANTI_REFLUX_POWER,
+];
+
+/// The block read once before taking a unit over, to learn what to restore.
+pub const CONTROL_BLOCK: ReadBlock = ReadBlock::holding(reg::PASSIVE_ENABLE, 0x365C - 0x3636 + 1);
+
+/// Per-mille of rating the power registers are allowed: the unit's rating, although the
+/// registers accept up to 1100.
+const RATED_PERMILLE: f64 = 1000.0;
+
+/// Bring a requested register value into the register's documented range (all settings
+/// are U16). Out-of-range and non-finite requests are clamped and logged, never wrapped.
+pub fn clamp_setting(s: &Setting, requested: f64) -> u16 {
+    let value = if requested.is_finite() {
+        requested.round()
+    } else {
+        f64::from(s.min)
+    };
+    let clamped = value.clamp(f64::from(s.min), f64::from(s.max));
+    if clamped != value || !requested.is_finite() {
+        tracing::warn!(
+            register = format!("{:#06x}", s.addr),
+            name = s.name,
+            requested,
+            written = clamped,
+            "setpoint out of range; clamped"
+        );
+    }
+    clamped as u16
+}
+
+fn clamped(addr: u16, requested: f64) -> (u16, u16) {
+    match setting(addr) {
+        Some(s) => (addr, clamp_setting(s, requested)),
+        // Every address encoded below is in SETTINGS; refuse to guess a range otherwise.
+        None => (addr, 0),
+    }
+}
+
+/// The register values that put a unit under passive control at `cmd`, clamped to its
+/// rating and to each register's range. Passive mode (AppMode 3) takes the battery power as
+/// a direction (`0x3636`) and a per-mille magnitude (`0x3639` charge / `0x363A` discharge);
+/// the anti-reflux registers (`0x365C` mode 1, `0x365A` per-mille) cap the unit's output.
+pub fn encode_command(rated_power_w: f64, cmd: &Command) -> Vec<(u16, u16)> {
+    let permille = |w: f64| {
+        if rated_power_w > 0.0 && w.is_finite() {
+            (w / rated_power_w * 1000.0).clamp(-RATED_PERMILLE, RATED_PERMILLE)
+        } else {
+            f64::NAN
+        }
+    };
+    let battery = permille(cmd.battery_w);
+    let mut out = Vec::with_capacity(6);
+    if battery >= 0.5 {
+        out.push(clamped(reg::PASSIVE_BAT_DISCHARGE, battery));
+        out.push(clamped(reg::PASSIVE_ENABLE, f64::from(passive::DISCHARGE)));
+    } else if battery <= -0.5 {
+        out.push(clamped(reg::PASSIVE_BAT_CHARGE, -battery));
+        out.push(clamped(reg::PASSIVE_ENABLE, f64::from(passive::CHARGE)));
+    } else {
+        out.push(clamped(reg::PASSIVE_ENABLE, f64::from(passive::STANDBY)));
+    }
+    out.push(clamped(reg::APP_MODE, f64::from(app_mode::PASSIVE)));
+    out.push(clamped(reg::ANTI_REFLUX_MODE, 1.0));
+    // Round the cap down: a cap is a safety limit.
+    out.push(clamped(
+        reg::ANTI_REFLUX_POWER,
+        permille(cmd.output_cap_w).floor(),
+    ));
+    out
+}
+
 pub fn permille_to_watts(permille: u16, rated_power_w: f64) -> f64 {
     f64::from(permille) / 1000.0 * rated_power_w
 }
@@ -776,6 +864,56 @@ mod tests {
         let id = decode_identity(&w).unwrap();
         assert_eq!(id.device_type, 0x005A);
         assert_eq!(id.serial, "H201");
+    }
+
+    #[test]
+    fn commands_encode_within_rating_and_register_range() {
+        let value = |w: &[(u16, u16)], a: u16| w.iter().find(|(r, _)| *r == a).map(|(_, v)| *v);
+        let w = encode_command(
+            10_000.0,
+            &Command {
+                battery_w: 2500.0,
+                output_cap_w: 6000.0,
+            },
+        );
+        assert_eq!(value(&w, reg::PASSIVE_BAT_DISCHARGE), Some(250));
+        assert_eq!(value(&w, reg::PASSIVE_ENABLE), Some(passive::DISCHARGE));
+        assert_eq!(value(&w, reg::APP_MODE), Some(app_mode::PASSIVE));
+        assert_eq!(value(&w, reg::ANTI_REFLUX_MODE), Some(1));
+        assert_eq!(value(&w, reg::ANTI_REFLUX_POWER), Some(600));
+
+        let w = encode_command(
+            10_000.0,
+            &Command {
+                battery_w: -1.0e9,
+                output_cap_w: -5000.0,
+            },
+        );
+        assert_eq!(
+            value(&w, reg::PASSIVE_BAT_CHARGE),
+            Some(1000),
+            "charge clamped to rating"
+        );
+        assert_eq!(value(&w, reg::PASSIVE_ENABLE), Some(passive::CHARGE));
+        assert_eq!(
+            value(&w, reg::ANTI_REFLUX_POWER),
+            Some(0),
+            "negative cap clamped, not wrapped"
+        );
+
+        let w = encode_command(
+            10_000.0,
+            &Command {
+                battery_w: f64::NAN,
+                output_cap_w: f64::INFINITY,
+            },
+        );
+        assert_eq!(value(&w, reg::PASSIVE_ENABLE), Some(passive::STANDBY));
+        assert!(value(&w, reg::ANTI_REFLUX_POWER).unwrap() <= 1000);
+        for (addr, v) in w {
+            let s = setting(addr).unwrap();
+            assert!((s.min..=s.max).contains(&v));
+        }
     }
 
     #[test]
