@@ -19,6 +19,12 @@ pub struct Metrics {
     inverter_soc: GaugeVec,
     device_health: GaugeVec,
     device_age: GaugeVec,
+    fail_safe: GaugeVec,
+    binding: GaugeVec,
+    last_binding: std::sync::Mutex<Option<String>>,
+    setpoint_battery: GaugeVec,
+    setpoint_cap: GaugeVec,
+    export_limit: GaugeVec,
     pub modbus_requests: IntCounterVec,
     pub modbus_errors: IntCounterVec,
     pub modbus_latency: HistogramVec,
@@ -111,6 +117,12 @@ impl Metrics {
                 "Seconds since the device's last good read.",
                 &["device", "kind"],
             ),
+            fail_safe: gauge(&r, "ems_fail_safe_active", "1 while the grid meter is lost and every inverter is held at zero export.", &[]),
+            binding: gauge(&r, "ems_control_binding", "1 for the constraint holding the fleet back this cycle (export_limit, export_limit:L1, import_limit, soc, fail_safe, none).", &["constraint"]),
+            last_binding: std::sync::Mutex::new(None),
+            setpoint_battery: gauge(&r, "ems_setpoint_battery_watts", "Battery power sent to the inverter, + discharge.", &["device"]),
+            setpoint_cap: gauge(&r, "ems_setpoint_output_cap_watts", "Output cap sent to the inverter.", &["device"]),
+            export_limit: gauge(&r, "ems_export_limit_watts", "Configured export limit in W (per phase for the phase modes; A × nominal V for phase_current).", &["mode"]),
             modbus_requests: counter(
                 "ems_modbus_requests_total",
                 "Modbus requests sent.",
@@ -160,6 +172,35 @@ impl Metrics {
                 .set(f64::from(u8::from(inv.health == Health::Ok)));
             set_or_clear(&self.device_age, &l, inv.age_s);
         }
+        if let Some(c) = &s.control {
+            self.fail_safe
+                .with_label_values(&[] as &[&str])
+                .set(f64::from(u8::from(c.fail_safe)));
+            // One series: the constraint binding now.
+            let now = c.binding.clone().unwrap_or_else(|| "none".into());
+            let mut last = self.last_binding.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(old) = last.as_deref().filter(|old| *old != now) {
+                let _ = self.binding.remove_label_values(&[old]);
+            }
+            self.binding.with_label_values(&[now.as_str()]).set(1.0);
+            *last = Some(now);
+        }
+        for inv in &s.inverters {
+            let l = [inv.id.as_str()];
+            set_or_clear(
+                &self.setpoint_battery,
+                &l,
+                inv.setpoint.map(|sp| sp.battery_w),
+            );
+            set_or_clear(
+                &self.setpoint_cap,
+                &l,
+                inv.setpoint.map(|sp| sp.output_cap_w),
+            );
+        }
+        let e = &s.export_limit;
+        let limit_w = e.limit_w.or(e.limit_a.map(|a| a * s.nominal_voltage_v));
+        set_or_clear(&self.export_limit, &[e.mode], limit_w);
         for m in &s.meters {
             let l = [m.id.as_str(), "meter"];
             self.device_health

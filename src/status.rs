@@ -134,6 +134,7 @@ pub struct Status {
     pub time: String,
     pub cycle: u64,
     pub working_mode: &'static str,
+    pub nominal_voltage_v: f64,
     pub export_limit: LimitStatus,
     pub import_limit: Option<LimitStatus>,
     pub grid: GridStatus,
@@ -311,6 +312,7 @@ pub fn build(
         time: time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         cycle,
         working_mode: c.working_mode.mode.as_str(),
+        nominal_voltage_v: c.grid.nominal_voltage_v,
         export_limit: limit(
             c.export_limit.mode,
             c.export_limit.limit_w,

@@ -3,9 +3,10 @@
 
 mod common;
 
-use common::{fast_site, ClosedLoop, Excursions};
+use common::fast_site;
 use site_ems::config::SiteConfig;
 use site_ems::drivers::saj::{app_mode, reg};
+use site_ems::sim::lockstep::{ClosedLoop, Excursions};
 
 fn demo() -> SiteConfig {
     let mut c = fast_site("sites/demo.yaml");
@@ -17,7 +18,7 @@ fn demo() -> SiteConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_drop_at_sunny_midday_export_back_under_zero_within_2_s() {
-    let mut l = ClosedLoop::start(demo()).await;
+    let mut l = ClosedLoop::start(demo()).await.unwrap();
     l.run(30.0, |_, _| {}).await;
     assert!(
         l.export_w() <= 0.0,
@@ -50,7 +51,7 @@ async fn a_simulated_day_with_random_load_steps_has_no_15_s_excursion() {
     let mut c = demo();
     c.simulation.start = Some("2026-06-21T00:00".into());
     c.simulation.load_noise_pct = 3.0;
-    let mut l = ClosedLoop::start(c).await;
+    let mut l = ClosedLoop::start(c).await.unwrap();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let mut exc = Excursions::default();
     let mut next_step_s = 0.0;
@@ -140,7 +141,9 @@ async fn phase_excursions(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phase_power_on_an_unbalanced_site_beats_worst_phase_times_three() {
-    let mut l = ClosedLoop::start(unbalanced("{ mode: phase_power, limit_w: 1000 }")).await;
+    let mut l = ClosedLoop::start(unbalanced("{ mode: phase_power, limit_w: 1000 }"))
+        .await
+        .unwrap();
     let (exc, mean_export) = phase_excursions(&mut l, 60.0, [1000.0; 3]).await;
     for (k, e) in exc.iter().enumerate() {
         assert!(e.longest_s() <= 2.0, "L{}: {:?}", k + 1, e.done);
@@ -163,7 +166,9 @@ async fn phase_power_on_an_unbalanced_site_beats_worst_phase_times_three() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phase_current_limit_is_honoured_per_phase() {
-    let mut l = ClosedLoop::start(unbalanced("{ mode: phase_current, limit_a: 3 }")).await;
+    let mut l = ClosedLoop::start(unbalanced("{ mode: phase_current, limit_a: 3 }"))
+        .await
+        .unwrap();
     // 3 A per phase at the measured voltage (about 230 V).
     let limit = l.sim.with_model(|m| m.truth.voltage_v.map(|v| 3.0 * v));
     let (exc, _) = phase_excursions(&mut l, 60.0, limit).await;
@@ -192,7 +197,7 @@ fn safe_state(l: &ClosedLoop) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grid_meter_lost_sends_fleet_to_safe_state_within_5_s_and_recovers() {
-    let mut l = ClosedLoop::start(demo()).await;
+    let mut l = ClosedLoop::start(demo()).await.unwrap();
     l.run(20.0, |_, _| {}).await;
     // Midday: without control the fleet would push tens of kW out.
     assert!(!safe_state(&l));
@@ -238,7 +243,7 @@ async fn grid_meter_lost_sends_fleet_to_safe_state_within_5_s_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_inverter_others_absorb_a_load_drop() {
-    let mut l = ClosedLoop::start(demo()).await;
+    let mut l = ClosedLoop::start(demo()).await.unwrap();
     l.run(20.0, |_, _| {}).await;
     // inv03 stops answering but keeps running its last setpoint; then the load drops.
     assert!(l.sim.stop_device("inv03"));
@@ -259,7 +264,7 @@ async fn lost_inverter_others_absorb_a_load_drop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_shutdown_hands_units_back_their_own_mode() {
-    let mut l = ClosedLoop::start(demo()).await;
+    let mut l = ClosedLoop::start(demo()).await.unwrap();
     let before: Vec<u16> = l
         .sim
         .with_model(|m| m.inverters.iter().map(|i| i.app_mode()).collect());
@@ -277,5 +282,112 @@ async fn clean_shutdown_hands_units_back_their_own_mode() {
         .inverters
         .iter()
         .all(|i| i.setting(reg::ANTI_REFLUX_MODE) == 0)));
+    l.assert_clean_writes();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_requests_are_clamped_before_the_wire() {
+    use site_ems::actuator::Actuator;
+    use site_ems::drivers::saj::Command;
+    use site_ems::link::Link;
+    use std::sync::Arc;
+
+    let config = demo();
+    let sim = site_ems::sim::SimSite::start(&config).await.unwrap();
+    let wired = sim.rewire(&config);
+    let link = Link::spawn(wired.link("sim-inv01").unwrap(), None);
+    let mut act = Actuator::new(Arc::from("inv01"), 1, 10_000.0, link);
+    // Negative cap, a charge far beyond the rating, then NaN and infinity.
+    act.apply(&Command {
+        battery_w: -1.0e9,
+        output_cap_w: -5000.0,
+    })
+    .await
+    .unwrap();
+    act.apply(&Command {
+        battery_w: f64::NAN,
+        output_cap_w: f64::INFINITY,
+    })
+    .await
+    .unwrap();
+    act.apply(&Command {
+        battery_w: 1.0e12,
+        output_cap_w: 1.0e12,
+    })
+    .await
+    .unwrap();
+    let writes = sim.writes();
+    let value_of = |addr: u16| -> Vec<u16> {
+        writes
+            .iter()
+            .filter(|w| w.addr == addr)
+            .map(|w| w.value)
+            .collect()
+    };
+    assert_eq!(
+        value_of(reg::PASSIVE_BAT_CHARGE),
+        vec![1000],
+        "charge clamped to the rating"
+    );
+    assert_eq!(
+        value_of(reg::PASSIVE_BAT_DISCHARGE),
+        vec![1000],
+        "discharge clamped to the rating"
+    );
+    assert_eq!(
+        value_of(reg::ANTI_REFLUX_POWER),
+        vec![0, 1000],
+        "cap: negative to 0, huge to the rating"
+    );
+    for w in &writes {
+        let s = site_ems::drivers::saj::setting(w.addr).unwrap();
+        assert!(w.accepted, "firmware refused {w:?}");
+        assert!((s.min..=s.max).contains(&w.value), "{w:?} outside {s:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_of_use_charge_window_charges_at_night_then_self_consumption() {
+    let mut c = demo();
+    c.simulation.start = Some("2026-06-21T01:50".into());
+    c.working_mode.mode = site_ems::config::WorkingMode::TimeOfUse;
+    c.working_mode.periods = vec![site_ems::config::TouPeriod {
+        kind: site_ems::config::TouKind::Charge,
+        days: vec![],
+        start: "02:00".into(),
+        end: "02:10".into(),
+        power_w: Some(30_000.0),
+    }];
+    let mut l = ClosedLoop::start(c).await.unwrap();
+    // 01:50–02:00 local: night, self-consumption covers the load from the batteries.
+    l.run(300.0, |_, _| {}).await;
+    let battery = |l: &ClosedLoop| {
+        l.sim
+            .with_model(|m| m.inverters.iter().map(|i| i.battery_w).sum::<f64>())
+    };
+    assert!(
+        battery(&l) > 1000.0,
+        "discharging at night: {}",
+        battery(&l)
+    );
+    assert_eq!(
+        l.ems.last_decision().unwrap().active_mode,
+        "self_consumption"
+    );
+    // 02:00–02:10: the window charges at 30 kW from the grid.
+    l.run(400.0, |_, _| {}).await;
+    assert_eq!(l.ems.last_decision().unwrap().active_mode, "tou_charge");
+    assert!(
+        (battery(&l) + 30_000.0).abs() < 500.0,
+        "charging at the window's power: {}",
+        battery(&l)
+    );
+    // After the window: back to self-consumption.
+    l.run(600.0, |_, _| {}).await;
+    assert_eq!(
+        l.ems.last_decision().unwrap().active_mode,
+        "self_consumption"
+    );
+    assert!(battery(&l) > 1000.0);
     l.assert_clean_writes();
 }

@@ -48,6 +48,12 @@ async fn status_balances_power_on_every_phase() {
             truth.load_w[k]
         );
     }
+    // The control loop reports what it did.
+    assert_eq!(s["control"]["fail_safe"], false);
+    assert_eq!(s["control"]["active_mode"], "self_consumption");
+    for i in s["inverters"].as_array().unwrap() {
+        assert!(i["setpoint"]["output_cap_w"].as_f64().is_some(), "{i}");
+    }
     let total: f64 = (0..3).map(|k| f(&s["grid"]["phases"][k]["power_w"])).sum();
     assert!((total - f(&s["grid"]["power_w"])).abs() < 1.0);
     h.stop().await;
