@@ -3,6 +3,7 @@
 //! Each request has a timeout. How often a failing device is retried is the poller's call
 //! (on the injected clock); the link just connects when asked.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +70,8 @@ struct Job {
 pub struct Link {
     name: Arc<str>,
     tx: mpsc::Sender<Job>,
+    /// RTU only: the computed wire time of every transaction so far, in nanoseconds.
+    wire_ns: Arc<AtomicU64>,
 }
 
 impl Link {
@@ -76,12 +79,19 @@ impl Link {
     pub fn spawn(cfg: &LinkConfig, metrics: Option<Arc<Metrics>>) -> Link {
         let (tx, rx) = mpsc::channel(64);
         let name: Arc<str> = Arc::from(cfg.name.as_str());
-        tokio::spawn(run(cfg.clone(), rx, metrics));
-        Link { name, tx }
+        let wire_ns = Arc::new(AtomicU64::new(0));
+        tokio::spawn(run(cfg.clone(), rx, metrics, wire_ns.clone()));
+        Link { name, tx, wire_ns }
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Wire time of all RTU transactions so far (zero on TCP): the floor any cycle on this
+    /// bus can reach.
+    pub fn wire_time(&self) -> Duration {
+        Duration::from_nanos(self.wire_ns.load(Ordering::Relaxed))
     }
 
     pub async fn read(
@@ -117,6 +127,36 @@ impl Link {
         self.tx.send(job).await.map_err(|_| LinkError::Closed)?;
         rx.await.map_err(|_| LinkError::Closed)?
     }
+}
+
+/// What an RTU transaction carries, for its size on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame {
+    /// FC03/FC04 of this many registers.
+    Read(u16),
+    /// FC06.
+    WriteSingle,
+    /// FC16 of this many registers.
+    WriteMultiple(u16),
+}
+
+/// Bytes of the request and of the answer (an exception answer is 5 bytes).
+pub fn rtu_frame_bytes(frame: Frame, exception: bool) -> (usize, usize) {
+    let (request, response) = match frame {
+        Frame::Read(n) => (8, 5 + 2 * n as usize),
+        Frame::WriteSingle => (8, 8),
+        Frame::WriteMultiple(n) => (9 + 2 * n as usize, 8),
+    };
+    (request, if exception { 5 } else { response })
+}
+
+/// Time on the wire of one RTU transaction: request and answer at 11 bits a character, each
+/// followed by the 3.5-character silence (the slave's own turnaround is not included).
+pub fn rtu_wire_time(baud: u32, request_bytes: usize, response_bytes: usize) -> Duration {
+    let char_s = 11.0 / f64::from(baud.max(1));
+    let frames = (request_bytes + response_bytes) as f64 * char_s;
+    let gaps = if response_bytes > 0 { 2.0 } else { 1.0 } * inter_frame_gap(baud).as_secs_f64();
+    Duration::from_secs_f64(frames + gaps)
 }
 
 /// Silence after each RTU transaction: 3.5 character times (11 bits each), and at least
@@ -179,10 +219,19 @@ async fn execute(ctx: &mut Context, op: Op) -> tokio_modbus::Result<Vec<u16>> {
     }
 }
 
-async fn run(cfg: LinkConfig, mut rx: mpsc::Receiver<Job>, metrics: Option<Arc<Metrics>>) {
+async fn run(
+    cfg: LinkConfig,
+    mut rx: mpsc::Receiver<Job>,
+    metrics: Option<Arc<Metrics>>,
+    wire_ns: Arc<AtomicU64>,
+) {
     let request_timeout = Duration::from_millis(cfg.timeout_ms());
+    let baud = cfg.baud.unwrap_or(9600);
     let gap = match cfg.kind {
-        LinkKind::Rtu => Some(inter_frame_gap(cfg.baud.unwrap_or(9600))),
+        LinkKind::Rtu => Some(cfg.gap_ms.map_or_else(
+            || inter_frame_gap(baud),
+            |ms| Duration::from_secs_f64(ms / 1000.0),
+        )),
         LinkKind::Tcp => None,
     };
     let mut ctx: Option<Context> = None;
@@ -235,6 +284,18 @@ async fn run(cfg: LinkConfig, mut rx: mpsc::Receiver<Job>, metrics: Option<Arc<M
             }
         }
         if let Some(gap) = gap {
+            let frame = match job.op {
+                Op::Read(b) => Frame::Read(b.count),
+                Op::Write { .. } => Frame::WriteSingle,
+            };
+            let (request, response) = match &result {
+                Ok(_) => rtu_frame_bytes(frame, false),
+                Err(LinkError::Exception(_)) => rtu_frame_bytes(frame, true),
+                // Nothing (or nothing valid) came back: only the request was on the wire.
+                Err(_) => (rtu_frame_bytes(frame, false).0, 0),
+            };
+            let wire = rtu_wire_time(baud, request, response);
+            wire_ns.fetch_add(wire.as_nanos() as u64, Ordering::Relaxed);
             tokio::time::sleep(gap).await;
         }
         let _ = job.reply.send(result);
@@ -244,6 +305,14 @@ async fn run(cfg: LinkConfig, mut rx: mpsc::Receiver<Job>, metrics: Option<Arc<M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wire_time_matches_the_worked_example() {
+        // grid-codes §6.3: a 60-register read at 9600 baud is about 160 ms on the wire.
+        let (req, resp) = rtu_frame_bytes(Frame::Read(60), false);
+        let t = rtu_wire_time(9600, req, resp).as_secs_f64();
+        assert!((t - 0.160).abs() < 0.002, "{t}");
+    }
 
     #[test]
     fn rtu_gap_follows_the_serial_line_rule() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use site_ems::clock::{Clock, SystemClock};
 use site_ems::config::SiteConfig;
-use site_ems::sim::SimSite;
+use site_ems::sim;
 
 #[derive(Parser)]
 #[command(
@@ -139,14 +139,21 @@ async fn shutdown_signal() {
 async fn run(file: &Path, simulate: bool, listen: Option<String>) -> Result<(), String> {
     let config = load(file)?;
     let listen = listen.unwrap_or_else(|| config.api.listen.clone());
-    let (config, clock, _sim): (SiteConfig, Arc<dyn Clock>, Option<SimSite>) = if simulate {
-        let sim = SimSite::start(&config)
+    let (config, clock, _sim): (SiteConfig, Arc<dyn Clock>, Option<sim::Launched>) = if simulate {
+        let launched = sim::launch(&config, None)
             .await
             .map_err(|e| format!("cannot start the simulated site: {e}"))?;
-        for (id, unit, addr) in sim.device_units() {
+        for (id, unit, addr) in launched.sim.device_units() {
             tracing::info!("simulated {id} (unit {unit}) at {addr}");
         }
-        (sim.rewire(&config), sim.clock(), Some(sim))
+        for (link, path) in &launched.buses {
+            tracing::info!("simulated RS485 link {link} on {}", path.display());
+        }
+        (
+            launched.config.clone(),
+            launched.sim.clock(),
+            Some(launched),
+        )
     } else {
         (config, Arc::new(SystemClock::new()), None)
     };
@@ -170,11 +177,43 @@ async fn run(file: &Path, simulate: bool, listen: Option<String>) -> Result<(), 
 
 async fn simulate(file: &Path, port_base: Option<u16>) -> Result<(), String> {
     let config = load(file)?;
-    let sim = SimSite::start_on(&config, port_base)
+    let launched = sim::launch(&config, port_base)
         .await
         .map_err(|e| format!("cannot start the simulated site: {e}"))?;
-    for (id, unit, addr) in sim.device_units() {
-        println!("simulated {id}: modbus tcp {addr} unit {unit}");
+    for (link, path) in &launched.buses {
+        let l = launched.config.link(link);
+        let units: Vec<String> = config
+            .meters
+            .iter()
+            .filter(|m| &m.link == link)
+            .map(|m| format!("{} (unit {})", m.id, m.unit_id))
+            .chain(
+                config
+                    .inverters
+                    .iter()
+                    .filter(|i| &i.link == link)
+                    .map(|i| format!("{} (unit {})", i.id, i.unit_id)),
+            )
+            .collect();
+        println!(
+            "simulated bus {link}: modbus rtu {} {} baud: {}",
+            path.display(),
+            l.and_then(|l| l.baud).unwrap_or(9600),
+            units.join(", ")
+        );
+    }
+    let on_bus: Vec<&str> = config
+        .meters
+        .iter()
+        .map(|m| (&m.id, &m.link))
+        .chain(config.inverters.iter().map(|i| (&i.id, &i.link)))
+        .filter(|(_, link)| launched.buses.iter().any(|(b, _)| b == *link))
+        .map(|(id, _)| id.as_str())
+        .collect();
+    for (id, unit, addr) in launched.sim.device_units() {
+        if !on_bus.contains(&id.as_str()) {
+            println!("simulated {id}: modbus tcp {addr} unit {unit}");
+        }
     }
     shutdown_signal().await;
     Ok(())

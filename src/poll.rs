@@ -18,6 +18,9 @@ const BACKOFF_AFTER: u32 = 3;
 const MAX_DEVICE_BACKOFF: Duration = Duration::from_secs(5);
 /// Energy counters and identity change slowly; read them this often.
 const SLOW_PERIOD: Duration = Duration::from_secs(60);
+/// On a lean (RS485) link, the inverter's full real-time block — state, faults, SOC,
+/// per-phase detail — is read this often; its power totals every cycle.
+const STATUS_PERIOD: Duration = Duration::from_secs(5);
 
 /// When a device last answered well, and why it did not since.
 #[derive(Debug, Clone, Default)]
@@ -89,11 +92,14 @@ pub struct InverterPoller {
     pub reading: Option<InverterReading>,
     pub identity: Option<Identity>,
     identity_read_at: Option<Duration>,
+    /// Read only the power totals each cycle (RS485, where wire time is precious).
+    lean: bool,
+    status_read_at: Option<Duration>,
     pub fresh: Freshness,
 }
 
 impl InverterPoller {
-    pub fn new(cfg: InverterConfig, link: Link) -> InverterPoller {
+    pub fn new(cfg: InverterConfig, link: Link, lean: bool) -> InverterPoller {
         let plate = Nameplate {
             rated_power_w: cfg.rated_power_w,
             phases: cfg.ac_phases(),
@@ -106,6 +112,8 @@ impl InverterPoller {
             reading: None,
             identity: None,
             identity_read_at: None,
+            lean,
+            status_read_at: None,
             fresh: Freshness::default(),
         }
     }
@@ -123,13 +131,29 @@ impl InverterPoller {
         if !self.fresh.due(now) {
             return;
         }
+        let status_due = !self.lean
+            || self.reading.is_none()
+            || self
+                .status_read_at
+                .is_none_or(|t| now.saturating_sub(t) >= STATUS_PERIOD);
         let result = async {
-            let realtime = self.read(saj::REALTIME).await.map_err(|e| e.to_string())?;
             let totals = self.read(saj::TOTALS).await.map_err(|e| e.to_string())?;
-            saj::decode_realtime(&self.plate, &realtime, &totals)
-                .map_err(|e| format!("bad data: {e}"))
+            if status_due {
+                let realtime = self.read(saj::REALTIME).await.map_err(|e| e.to_string())?;
+                saj::decode_realtime(&self.plate, &realtime, &totals)
+                    .map_err(|e| format!("bad data: {e}"))
+            } else {
+                let t = saj::decode_totals(&self.plate, &totals)
+                    .map_err(|e| format!("bad data: {e}"))?;
+                let mut reading = self.reading.clone().ok_or("no status yet")?;
+                reading.refresh(t);
+                Ok(reading)
+            }
         }
         .await;
+        if status_due && result.is_ok() {
+            self.status_read_at = Some(now);
+        }
         if !self
             .fresh
             .settle(&mut self.reading, result, now, cycle, &self.device)
@@ -200,12 +224,18 @@ impl MeterPoller {
             return;
         }
         let sign = role_sign(self.cfg.role, self.cfg.invert);
+        let previous_hz = self.reading.as_ref().and_then(|r| r.frequency_hz);
         let result = match self.read(chint::instant_block(self.cfg.model)).await {
             Ok(words) => {
                 decode_instant(self.cfg.model, &words, sign).map_err(|e| format!("bad data: {e}"))
             }
             Err(e) => Err(e.to_string()),
         };
+        // The DTSU666's frequency comes with the slow reads: keep the last one.
+        let result = result.map(|mut r| {
+            r.frequency_hz = r.frequency_hz.or(previous_hz);
+            r
+        });
         if !self
             .fresh
             .settle(&mut self.reading, result, now, cycle, &self.device)
@@ -217,8 +247,22 @@ impl MeterPoller {
             .is_none_or(|t| now.saturating_sub(t) >= SLOW_PERIOD)
         {
             self.energy_read_at = Some(now);
-            self.poll_energy().await;
+            self.poll_slow().await;
         }
+    }
+
+    async fn poll_slow(&mut self) {
+        if self.cfg.model == crate::config::MeterModel::Dtsu666 {
+            if let Ok(words) = self.read(chint::dtsu666::FREQUENCY).await {
+                if let (Some(r), Ok(f)) = (
+                    self.reading.as_mut(),
+                    chint::decode_dtsu666_frequency(&words),
+                ) {
+                    r.frequency_hz = Some(f);
+                }
+            }
+        }
+        self.poll_energy().await;
     }
 
     async fn poll_energy(&mut self) {

@@ -15,7 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::actuator::Actuator;
 use crate::api::{self, AppState, Published};
 use crate::clock::Clock;
-use crate::config::{MeterRole, SiteConfig};
+use crate::config::{LinkKind, MeterRole, SiteConfig};
 use crate::control::{self, ControlParams, ControlState, Decision};
 use crate::drivers::saj;
 use crate::link::Link;
@@ -25,6 +25,7 @@ use crate::status;
 
 pub struct Ems {
     config: SiteConfig,
+    links: Vec<Link>,
     meters: Vec<MeterPoller>,
     inverters: Vec<InverterPoller>,
     actuators: Vec<Actuator>,
@@ -58,7 +59,12 @@ impl Ems {
         let inverters: Vec<InverterPoller> = config
             .inverters
             .iter()
-            .filter_map(|i| Some(InverterPoller::new(i.clone(), link_of(&i.link)?)))
+            .filter_map(|i| {
+                let lean = config
+                    .link(&i.link)
+                    .is_some_and(|l| l.kind == LinkKind::Rtu);
+                Some(InverterPoller::new(i.clone(), link_of(&i.link)?, lean))
+            })
             .collect();
         let actuators = inverters
             .iter()
@@ -80,6 +86,7 @@ impl Ems {
         };
         (
             Ems {
+                links: links.values().cloned().collect(),
                 params: ControlParams::from_config(&config),
                 config,
                 meters,
@@ -95,6 +102,19 @@ impl Ems {
             },
             state,
         )
+    }
+
+    /// The status published by the last cycle.
+    pub fn status(&self) -> Option<Arc<status::Status>> {
+        self.publish.borrow().as_ref().map(|p| p.status.clone())
+    }
+
+    /// Wire time spent so far on each RTU link.
+    pub fn wire_times(&self) -> Vec<(String, Duration)> {
+        self.links
+            .iter()
+            .map(|l| (l.name().to_string(), l.wire_time()))
+            .collect()
     }
 
     /// Targets for plan mode (+ discharge per inverter, config order); `None` when no plan is

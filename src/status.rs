@@ -93,6 +93,7 @@ pub struct MeterStatus {
     /// Grid meter: + import. PV meter: + generation.
     pub power_w: Option<f64>,
     pub phases: Vec<PhaseStatus>,
+    pub frequency_hz: Option<f64>,
     pub import_wh: Option<f64>,
     pub export_wh: Option<f64>,
 }
@@ -181,6 +182,7 @@ fn meter_status(
         error: m.fresh.last_error.clone(),
         power_w: reading.map(|r| r.power_w),
         phases: phase_status(&c.phases(), reading.map(|r| r.phases.as_slice())),
+        frequency_hz: reading.and_then(|r| r.frequency_hz),
         import_wh: m.energy.map(|e| e.import_wh),
         export_wh: m.energy.map(|e| e.export_wh),
     }
@@ -218,7 +220,7 @@ pub fn build(
             meter: Some(m.id.clone()),
             power_w: m.power_w,
             phases: m.phases.clone(),
-            frequency_hz: None,
+            frequency_hz: m.frequency_hz,
             health: m.health,
             age_s: m.age_s,
         },

@@ -287,6 +287,10 @@ pub struct LinkConfig {
     /// Per-request timeout.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// RTU: silence after each transaction; 3.5 character times when absent. Some shared
+    /// buses need 25 ms or more.
+    #[serde(default)]
+    pub gap_ms: Option<f64>,
 }
 
 impl LinkConfig {

@@ -313,6 +313,7 @@ fn links(c: &SiteConfig, r: &mut Report) {
                     ("device", l.device.is_some()),
                     ("baud", l.baud.is_some()),
                     ("stop_bits", l.stop_bits.is_some()),
+                    ("gap_ms", l.gap_ms.is_some()),
                 ] {
                     if present {
                         r.err(
@@ -350,6 +351,15 @@ fn links(c: &SiteConfig, r: &mut Report) {
                             path!["links", i, "stop_bits"],
                             format!("stop_bits {s} must be 1 or 2"),
                             "use 1 (8N1) or 2",
+                        );
+                    }
+                }
+                if let Some(g) = l.gap_ms {
+                    if !(0.0..=1000.0).contains(&g) {
+                        r.err(
+                            path!["links", i, "gap_ms"],
+                            format!("gap_ms {g} is outside 0–1000 ms"),
+                            "leave it out for the Modbus 3.5-character rule, or give e.g. 25",
                         );
                     }
                 }

@@ -148,7 +148,8 @@ impl InverterReading {
 pub struct MeterReading {
     pub power_w: f64,
     pub phases: Vec<PhaseAc>,
-    pub frequency_hz: f64,
+    /// Read with the slow values on the DTSU666.
+    pub frequency_hz: Option<f64>,
 }
 
 /// Energy counters, read less often than power.

@@ -19,8 +19,9 @@ use crate::config::Phase;
 pub const IDENTITY: ReadBlock = ReadBlock::holding(0x8F00, 29);
 /// Real-time block: clock, state, fault words, per-phase grid port, battery, PV strings.
 pub const REALTIME: ReadBlock = ReadBlock::holding(0x4000, 125);
-/// Real-time totals: load, PV, battery, grid and inverter power.
-pub const TOTALS: ReadBlock = ReadBlock::holding(0x40A0, 14);
+/// Real-time totals: PV, battery, grid and inverter power — all the control loop needs
+/// each cycle; on a slow RS485 bus the real-time block is read less often.
+pub const TOTALS: ReadBlock = ReadBlock::holding(reg::TOTAL_PV, 5);
 
 pub mod reg {
     //! Register addresses, shared by the driver and the simulator.
@@ -510,6 +511,62 @@ pub struct Nameplate {
     pub phases: Vec<Phase>,
 }
 
+/// Power totals from the [`TOTALS`] block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Totals {
+    pub pv_power_w: f64,
+    /// + discharge (documented for `0x40A6`).
+    pub battery_power_w: f64,
+    /// + delivered.
+    pub ac_power_w: f64,
+}
+
+/// Allow headroom over the rating: firmware briefly overshoots, and some units are rated
+/// in VA with a higher W ceiling. Beyond twice the rating the words are garbage.
+fn power_ceiling(plate: &Nameplate) -> f64 {
+    plate.rated_power_w * 2.0 + 1000.0
+}
+
+pub fn decode_totals(plate: &Nameplate, totals: &[u16]) -> Result<Totals, DecodeError> {
+    expect_len(totals, TOTALS.count as usize)?;
+    let tot = |addr: u16| (addr - TOTALS.start) as usize;
+    let p_max = power_ceiling(plate);
+    Ok(Totals {
+        pv_power_w: plausible("pv_power_w", i16_at(totals, tot(reg::TOTAL_PV)), 0.0, p_max)?,
+        battery_power_w: plausible(
+            "battery_power_w",
+            i16_at(totals, tot(reg::TOTAL_BATTERY)),
+            -p_max,
+            p_max,
+        )?,
+        ac_power_w: plausible(
+            "ac_power_w",
+            i16_at(totals, tot(reg::TOTAL_INV)),
+            -p_max,
+            p_max,
+        )?,
+    })
+}
+
+impl InverterReading {
+    /// Bring a reading up to date with fresh totals between real-time block reads: the
+    /// per-phase output follows the total, spread evenly over the unit's phases.
+    pub fn refresh(&mut self, t: Totals) {
+        self.ac_power_w = t.ac_power_w;
+        self.pv_power_w = t.pv_power_w;
+        self.battery_power_w = t.battery_power_w;
+        let n = self.phases.len().max(1) as f64;
+        for p in &mut self.phases {
+            p.power_w = t.ac_power_w / n;
+            p.current_a = if p.voltage_v > 1.0 {
+                p.power_w / p.voltage_v
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
 /// Decode the real-time block ([`REALTIME`]) and the totals block ([`TOTALS`]).
 pub fn decode_realtime(
     plate: &Nameplate,
@@ -517,9 +574,8 @@ pub fn decode_realtime(
     totals: &[u16],
 ) -> Result<InverterReading, DecodeError> {
     expect_len(realtime, REALTIME.count as usize)?;
-    expect_len(totals, TOTALS.count as usize)?;
+    let totals = decode_totals(plate, totals)?;
     let rt = |addr: u16| (addr - REALTIME.start) as usize;
-    let tot = |addr: u16| (addr - TOTALS.start) as usize;
 
     let state_raw = realtime[rt(reg::MPV_MODE)];
     let state = decode_state(state_raw).ok_or(DecodeError::Implausible {
@@ -533,9 +589,7 @@ pub fn decode_realtime(
     );
     let app_mode = realtime[rt(reg::SET_APP_MODE)];
 
-    // Allow headroom over the rating: firmware briefly overshoots, and some units are
-    // rated in VA with a higher W ceiling. Beyond twice the rating the words are garbage.
-    let p_max = plate.rated_power_w * 2.0 + 1000.0;
+    let p_max = power_ceiling(plate);
     let mut phases = Vec::with_capacity(plate.phases.len());
     let blocks = [reg::R_GRID, reg::S_GRID, reg::T_GRID];
     for (phase, base) in plate.phases.iter().zip(blocks) {
@@ -583,27 +637,13 @@ pub fn decode_realtime(
         100.0,
     )?;
 
-    let pv_power_w = plausible("pv_power_w", i16_at(totals, tot(reg::TOTAL_PV)), 0.0, p_max)?;
-    let battery_power_w = plausible(
-        "battery_power_w",
-        i16_at(totals, tot(reg::TOTAL_BATTERY)),
-        -p_max,
-        p_max,
-    )?;
-    let ac_power_w = plausible(
-        "ac_power_w",
-        i16_at(totals, tot(reg::TOTAL_INV)),
-        -p_max,
-        p_max,
-    )?;
-
     Ok(InverterReading {
         state,
         faults,
         phases,
-        ac_power_w,
-        pv_power_w,
-        battery_power_w,
+        ac_power_w: totals.ac_power_w,
+        pv_power_w: totals.pv_power_w,
+        battery_power_w: totals.battery_power_w,
         battery_voltage_v,
         battery_current_a,
         soc_pct,
@@ -779,7 +819,7 @@ mod tests {
         let r = decode_realtime(&plate3(), &rt, &tot).unwrap();
         assert_eq!(r.battery_power_w, 4000.0);
         put(&mut tot, TOTALS, reg::TOTAL_BATTERY, (-4000i16) as u16); // 0xF060
-        assert_eq!(tot[6], 0xF060);
+        assert_eq!(tot[1], 0xF060);
         let r = decode_realtime(&plate3(), &rt, &tot).unwrap();
         assert_eq!(r.battery_power_w, -4000.0);
         // SOC 0x406F is ×0.01 %: 5123 → 51.23 %.

@@ -19,7 +19,16 @@ pub const TICK_S: f64 = 0.1;
 
 impl ClosedLoop {
     pub async fn start(config: SiteConfig) -> std::io::Result<ClosedLoop> {
-        let sim = SimSite::start(&config).await?;
+        ClosedLoop::start_with(config, &std::collections::HashMap::new()).await
+    }
+
+    /// As [`ClosedLoop::start`], with the devices of the RTU links in `rtu` served on those
+    /// serial devices (the slave ends; the site file's links name the master ends).
+    pub async fn start_with(
+        config: SiteConfig,
+        rtu: &std::collections::HashMap<String, std::path::PathBuf>,
+    ) -> std::io::Result<ClosedLoop> {
+        let sim = SimSite::start_with(&config, None, rtu).await?;
         sim.set_paused(true);
         let (ems, _api) = Ems::new(sim.rewire(&config), sim.clock());
         Ok(ClosedLoop {

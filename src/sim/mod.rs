@@ -6,10 +6,14 @@
 
 pub mod lockstep;
 pub mod physics;
+pub mod pty;
 pub mod registers;
+mod rtu_bus;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -24,6 +28,47 @@ use crate::clock::Clock;
 use crate::config::{LinkConfig, LinkKind, MeterModel, MeterRole, Parity, SiteConfig};
 use physics::SiteModel;
 
+/// A simulated site ready for the EMS: the simulator, the site file rewritten to reach it,
+/// and the pseudo-terminal buses it runs on (closed when this is dropped).
+pub struct Launched {
+    pub sim: SimSite,
+    /// The site file with every link pointing at the simulator.
+    pub config: SiteConfig,
+    /// RTU links served on a pty: (link name, the master end a Modbus master opens).
+    pub buses: Vec<(String, PathBuf)>,
+    _pairs: Vec<pty::PtyPair>,
+}
+
+/// Start a simulated site for `config`: RTU links on socat pty pairs when socat is there
+/// (over TCP otherwise, with a warning), every other device on its own TCP port.
+pub async fn launch(config: &SiteConfig, port_base: Option<u16>) -> std::io::Result<Launched> {
+    let mut config = config.clone();
+    let mut rtu = HashMap::new();
+    let mut buses = Vec::new();
+    let mut pairs = Vec::new();
+    for link in config.links.iter_mut().filter(|l| l.kind == LinkKind::Rtu) {
+        match pty::PtyPair::new() {
+            Ok(pair) => {
+                link.device = Some(pair.master.display().to_string());
+                rtu.insert(link.name.clone(), pair.slave.clone());
+                buses.push((link.name.clone(), pair.master.clone()));
+                pairs.push(pair);
+            }
+            Err(e) => tracing::warn!(
+                "cannot make a pty pair for RS485 link {} ({e}; is socat installed?): its devices are simulated over TCP",
+                link.name
+            ),
+        }
+    }
+    let sim = SimSite::start_with(&config, port_base, &rtu).await?;
+    Ok(Launched {
+        config: sim.rewire(&config),
+        sim,
+        buses,
+        _pairs: pairs,
+    })
+}
+
 /// How a simulated device answers, for failure tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Behaviour {
@@ -37,16 +82,22 @@ pub enum Behaviour {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Inverter(usize),
     Meter { model: MeterModel, role: MeterRole },
 }
 
-struct Device {
+pub(crate) struct Device {
     id: String,
     unit: u8,
     kind: Kind,
+    /// The site file's link name: devices on one RTU link share a bus.
+    link: String,
     behaviour: Behaviour,
+    /// Served on an RTU bus rather than its own TCP port.
+    rtu: bool,
+    /// An RTU device taken off its bus: it hears requests and answers none.
+    unplugged: bool,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -60,7 +111,7 @@ pub struct WriteRecord {
     pub accepted: bool,
 }
 
-struct World {
+pub(crate) struct World {
     model: SiteModel,
     writes: Vec<WriteRecord>,
     started: chrono::DateTime<chrono::Utc>,
@@ -73,12 +124,13 @@ struct World {
 pub struct SimSite {
     world: Arc<Mutex<World>>,
     ticker: JoinHandle<()>,
+    buses: Vec<JoinHandle<()>>,
 }
 
 /// Physics tick in real time.
 const TICK: Duration = Duration::from_millis(100);
 
-fn lock(world: &Mutex<World>) -> MutexGuard<'_, World> {
+pub(crate) fn lock(world: &Mutex<World>) -> MutexGuard<'_, World> {
     // A panic while holding the lock leaves plain numbers behind; keep serving them.
     world.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -87,12 +139,23 @@ impl SimSite {
     /// Start the simulated site: physics ticking in real time × `time_factor`, and one
     /// Modbus TCP slave per device on `127.0.0.1`, each on a port the OS picks.
     pub async fn start(config: &SiteConfig) -> std::io::Result<SimSite> {
-        SimSite::start_on(config, None).await
+        SimSite::start_with(config, None, &HashMap::new()).await
     }
 
     /// As [`SimSite::start`], with device `k` (meters first, then inverters, in file order)
     /// on port `port_base + k` when a base is given, so other tools can find it.
     pub async fn start_on(config: &SiteConfig, port_base: Option<u16>) -> std::io::Result<SimSite> {
+        SimSite::start_with(config, port_base, &HashMap::new()).await
+    }
+
+    /// As [`SimSite::start_on`], and the devices of each RTU link named in `rtu` served as
+    /// Modbus RTU slaves sharing one serial device (the slave end of that bus), at the link's
+    /// baud rate and with its wire time.
+    pub async fn start_with(
+        config: &SiteConfig,
+        port_base: Option<u16>,
+        rtu: &HashMap<String, PathBuf>,
+    ) -> std::io::Result<SimSite> {
         let mut devices = Vec::new();
         for m in &config.meters {
             devices.push(Device {
@@ -102,6 +165,9 @@ impl SimSite {
                     model: m.model,
                     role: m.role,
                 },
+                link: m.link.clone(),
+                rtu: rtu.contains_key(&m.link),
+                unplugged: false,
                 behaviour: Behaviour::Normal,
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 stop: None,
@@ -112,6 +178,9 @@ impl SimSite {
                 id: inv.id.clone(),
                 unit: inv.unit_id,
                 kind: Kind::Inverter(i),
+                link: inv.link.clone(),
+                rtu: rtu.contains_key(&inv.link),
+                unplugged: false,
                 behaviour: Behaviour::Normal,
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 stop: None,
@@ -128,6 +197,9 @@ impl SimSite {
         }));
         let count = lock(&world).devices.len();
         for index in 0..count {
+            if lock(&world).devices[index].rtu {
+                continue;
+            }
             let port = match port_base {
                 Some(base) => base.checked_add(index as u16).ok_or_else(|| {
                     std::io::Error::other("port base too high for this many devices")
@@ -136,8 +208,29 @@ impl SimSite {
             };
             serve(&world, index, SocketAddr::from(([127, 0, 0, 1], port))).await?;
         }
+        let mut buses = Vec::new();
+        for (link, path) in rtu {
+            let cfg = config.link(link).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no link named {link}"),
+                )
+            })?;
+            let port = rtu_bus::open(path, cfg.baud.unwrap_or(9600))?;
+            buses.push(tokio::spawn(rtu_bus::serve(
+                world.clone(),
+                link.clone(),
+                path.clone(),
+                cfg.baud.unwrap_or(9600),
+                port,
+            )));
+        }
         let ticker = tokio::spawn(tick(world.clone()));
-        Ok(SimSite { world, ticker })
+        Ok(SimSite {
+            world,
+            ticker,
+            buses,
+        })
     }
 
     /// The loopback address a device is served on.
@@ -172,11 +265,12 @@ impl SimSite {
             .collect()
     }
 
-    /// Close a device's port and its connections, as if it were unplugged.
+    /// Unplug a device: close its TCP port and connections, or take it off its RTU bus.
     pub fn stop_device(&self, id: &str) -> bool {
         let mut w = lock(&self.world);
         match w.devices.iter_mut().find(|d| d.id == id) {
             Some(d) => {
+                d.unplugged = true;
                 if let Some(stop) = d.stop.take() {
                     let _ = stop.send(());
                 }
@@ -196,6 +290,14 @@ impl SimSite {
                 })?;
             (index, w.devices[index].addr)
         };
+        let rtu = {
+            let mut w = lock(&self.world);
+            w.devices[index].unplugged = false;
+            w.devices[index].rtu
+        };
+        if rtu {
+            return Ok(());
+        }
         serve(&self.world, index, addr).await
     }
 
@@ -237,8 +339,20 @@ impl SimSite {
     /// real transports swapped for the simulator's loopback ports.
     pub fn rewire(&self, config: &SiteConfig) -> SiteConfig {
         let mut c = config.clone();
-        c.links.clear();
-        for (id, addr) in self.devices() {
+        let served_on_tcp: Vec<(String, SocketAddr)> = lock(&self.world)
+            .devices
+            .iter()
+            .filter(|d| !d.rtu)
+            .map(|d| (d.id.clone(), d.addr))
+            .collect();
+        // Links of RTU-served devices stay as they are: the EMS opens the other end of the bus.
+        c.links.retain(|l| {
+            lock(&self.world)
+                .devices
+                .iter()
+                .any(|d| d.rtu && d.link == l.name)
+        });
+        for (id, addr) in served_on_tcp {
             let name = format!("sim-{id}");
             c.links.push(LinkConfig {
                 name: name.clone(),
@@ -250,6 +364,7 @@ impl SimSite {
                 parity: Parity::None,
                 stop_bits: None,
                 timeout_ms: Some(300),
+                gap_ms: None,
             });
             if let Some(m) = c.meters.iter_mut().find(|m| m.id == id) {
                 m.link = name;
@@ -264,6 +379,9 @@ impl SimSite {
 impl Drop for SimSite {
     fn drop(&mut self) {
         self.ticker.abort();
+        for bus in &self.buses {
+            bus.abort();
+        }
         for d in lock(&self.world).devices.iter_mut() {
             if let Some(stop) = d.stop.take() {
                 let _ = stop.send(());
@@ -361,32 +479,43 @@ impl tokio_modbus::server::Service for DeviceService {
                     Behaviour::Exception(code) => Err(ExceptionCode::new(code)),
                     Behaviour::Normal | Behaviour::Garbage => {
                         let garbage = dev.behaviour == Behaviour::Garbage;
-                        let written: Vec<(u16, u16)> = match &req.request {
-                            Request::WriteSingleRegister(a, v) => vec![(*a, *v)],
-                            Request::WriteMultipleRegisters(a, vs) => vs
-                                .iter()
-                                .enumerate()
-                                .map(|(k, v)| (a.wrapping_add(k as u16), *v))
-                                .collect(),
-                            _ => Vec::new(),
-                        };
-                        let result = handle(&mut w.model, dev.kind, dev.unit, req.request, garbage);
-                        let id = dev.id.clone();
-                        for (addr, value) in written {
-                            w.writes.push(WriteRecord {
-                                device: id.clone(),
-                                addr,
-                                value,
-                                accepted: result.is_ok(),
-                            });
-                        }
-                        result
+                        respond(w, self.index, req.request, garbage)
                     }
                 }
             }
         };
         Box::pin(std::future::ready(result))
     }
+}
+
+/// A device's answer to a request, with every write it receives logged.
+pub(crate) fn respond(
+    w: &mut World,
+    index: usize,
+    request: Request<'static>,
+    garbage: bool,
+) -> Result<Response, ExceptionCode> {
+    let written: Vec<(u16, u16)> = match &request {
+        Request::WriteSingleRegister(a, v) => vec![(*a, *v)],
+        Request::WriteMultipleRegisters(a, vs) => vs
+            .iter()
+            .enumerate()
+            .map(|(k, v)| (a.wrapping_add(k as u16), *v))
+            .collect(),
+        _ => Vec::new(),
+    };
+    let dev = &w.devices[index];
+    let (kind, unit, id) = (dev.kind, dev.unit, dev.id.clone());
+    let result = handle(&mut w.model, kind, unit, request, garbage);
+    for (addr, value) in written {
+        w.writes.push(WriteRecord {
+            device: id.clone(),
+            addr,
+            value,
+            accepted: result.is_ok(),
+        });
+    }
+    result
 }
 
 fn handle(

@@ -116,3 +116,26 @@ pub fn all_healthy(status: &Value) -> bool {
             .as_array()
             .is_some_and(|a| a.iter().all(|i| i["health"] == "ok"))
 }
+
+/// `sites/rs485.yaml` on pty pairs: the site file's links point at the master ends; the map
+/// gives the simulator the slave ends. Keep the pairs alive as long as the site runs.
+pub fn rs485_on_ptys(
+    baud: u32,
+) -> (
+    SiteConfig,
+    std::collections::HashMap<String, std::path::PathBuf>,
+    Vec<site_ems::sim::pty::PtyPair>,
+) {
+    let mut c = SiteConfig::load(Path::new("sites/rs485.yaml")).expect("shipped site is valid");
+    let mut rtu = std::collections::HashMap::new();
+    let mut pairs = Vec::new();
+    for link in c.links.iter_mut() {
+        let pair = site_ems::sim::pty::PtyPair::new()
+            .expect("socat is installed (.ci/run installs it: apt-get install socat)");
+        link.device = Some(pair.master.display().to_string());
+        link.baud = Some(baud);
+        rtu.insert(link.name.clone(), pair.slave.clone());
+        pairs.push(pair);
+    }
+    (c, rtu, pairs)
+}
