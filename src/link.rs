@@ -296,7 +296,11 @@ async fn run(
             };
             let wire = rtu_wire_time(baud, request, response);
             wire_ns.fetch_add(wire.as_nanos() as u64, Ordering::Relaxed);
+            // The answer is complete: hand it over, then keep the bus silent before the
+            // next request.
+            let _ = job.reply.send(result);
             tokio::time::sleep(gap).await;
+            continue;
         }
         let _ = job.reply.send(result);
     }

@@ -11,7 +11,15 @@ use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 
 use super::{lock, respond, Behaviour, World};
-use crate::link::{rtu_frame_bytes, rtu_wire_time, Frame};
+use crate::link::{inter_frame_gap, rtu_frame_bytes, Frame};
+
+/// How long after the request starts the answer is complete: both frames at 11 bits a
+/// character and the silence that ends the request. The silence after the answer is the
+/// master's to keep.
+fn answer_delay(baud: u32, request_bytes: usize, response_bytes: usize) -> std::time::Duration {
+    let chars = (request_bytes + response_bytes) as f64 * 11.0 / f64::from(baud.max(1));
+    std::time::Duration::from_secs_f64(chars) + inter_frame_gap(baud)
+}
 
 /// Open the slave end of a bus, shared, so a device can also put a corrupt frame on it.
 pub(super) fn open(path: &Path, baud: u32) -> std::io::Result<SerialStream> {
@@ -151,15 +159,15 @@ impl tokio_modbus::server::Service for BusService {
                 rtu_frame_bytes(frame, matches!(answer, Answer::Reply(Err(_))));
             match answer {
                 Answer::Nothing => {
-                    tokio::time::sleep(rtu_wire_time(baud, request_bytes, 0)).await;
+                    tokio::time::sleep(answer_delay(baud, request_bytes, 0)).await;
                     Ok(None)
                 }
                 Answer::Reply(r) => {
-                    tokio::time::sleep(rtu_wire_time(baud, request_bytes, response_bytes)).await;
+                    tokio::time::sleep(answer_delay(baud, request_bytes, response_bytes)).await;
                     r.map(Some)
                 }
                 Answer::Corrupt(r) => {
-                    tokio::time::sleep(rtu_wire_time(baud, request_bytes, response_bytes)).await;
+                    tokio::time::sleep(answer_delay(baud, request_bytes, response_bytes)).await;
                     let bytes = corrupt_frame(slave, &r);
                     if let Err(e) = std::fs::OpenOptions::new()
                         .write(true)
