@@ -270,18 +270,7 @@ async fn run(
             }
         };
         if let Some(m) = &metrics {
-            let labels = [cfg.name.as_str(), &*job.device];
-            m.modbus_requests.with_label_values(&labels).inc();
-            match &result {
-                Ok(_) => m
-                    .modbus_latency
-                    .with_label_values(&[cfg.name.as_str()])
-                    .observe(started.elapsed().as_secs_f64()),
-                Err(e) => m
-                    .modbus_errors
-                    .with_label_values(&[cfg.name.as_str(), &*job.device, e.kind()])
-                    .inc(),
-            }
+            m.record_request(&cfg.name, &job.device, &result, started.elapsed());
         }
         if let Some(gap) = gap {
             let frame = match job.op {

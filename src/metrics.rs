@@ -1,11 +1,23 @@
-//! Prometheus metrics, prefix `ems_`, base units in names, bounded labels (site, device,
-//! phase, link, error kind).
+//! Prometheus metrics: prefix `ems_`, base units in names, bounded labels (site, device,
+//! phase, link, error kind, fault name from the fixed fault tables, constraint).
+//!
+//! Every metric here is queried by a dashboard panel, and every panel's query is checked
+//! against a real Prometheus in the tests.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
+use crate::link::LinkError;
 use crate::status::{Health, Status};
+
+/// Error kinds every device's counter starts at zero for, so a healthy site shows 0 errors
+/// rather than no data.
+pub const ERROR_KINDS: [&str; 5] = ["timeout", "exception", "decode", "connect", "transport"];
 
 pub struct Metrics {
     registry: Registry,
@@ -13,22 +25,34 @@ pub struct Metrics {
     grid_phase_power: GaugeVec,
     grid_phase_current: GaugeVec,
     grid_phase_voltage: GaugeVec,
+    grid_frequency: GaugeVec,
     inverter_ac_power: GaugeVec,
     inverter_pv_power: GaugeVec,
     inverter_battery_power: GaugeVec,
     inverter_soc: GaugeVec,
+    inverter_faults_active: GaugeVec,
+    inverter_fault: GaugeVec,
     device_health: GaugeVec,
     device_age: GaugeVec,
     fail_safe: GaugeVec,
     binding: GaugeVec,
-    last_binding: std::sync::Mutex<Option<String>>,
     setpoint_battery: GaugeVec,
     setpoint_cap: GaugeVec,
     export_limit: GaugeVec,
-    pub modbus_requests: IntCounterVec,
-    pub modbus_errors: IntCounterVec,
-    pub modbus_latency: HistogramVec,
-    pub cycle_duration: HistogramVec,
+    import_limit: GaugeVec,
+    modbus_requests: IntCounterVec,
+    modbus_errors: IntCounterVec,
+    modbus_exceptions: IntCounterVec,
+    modbus_latency: HistogramVec,
+    cycle_duration: HistogramVec,
+    /// Label values set last cycle, so series that no longer apply are removed.
+    last: Mutex<Last>,
+}
+
+#[derive(Default)]
+struct Last {
+    binding: Option<String>,
+    faults: BTreeSet<(String, &'static str)>,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
@@ -38,155 +62,140 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     g
 }
 
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("static metric definition");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+const NO_LABELS: &[&str] = &[];
+
 impl Metrics {
     pub fn new(site: &str) -> Metrics {
         let labels = std::collections::HashMap::from([("site".to_string(), site.to_string())]);
         let r = Registry::new_custom(None, Some(labels)).expect("valid registry labels");
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("static metric definition");
-            r.register(Box::new(c.clone()))
-                .expect("metric registered once");
-            c
-        };
-        let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-                .expect("static metric definition");
-            r.register(Box::new(h.clone()))
-                .expect("metric registered once");
-            h
-        };
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ];
         Metrics {
-            grid_power: gauge(
-                &r,
-                "ems_grid_power_watts",
-                "Site grid power, + import / - export.",
-                &[],
-            ),
-            grid_phase_power: gauge(
-                &r,
-                "ems_grid_phase_power_watts",
-                "Grid power per phase, + import.",
-                &["phase"],
-            ),
-            grid_phase_current: gauge(
-                &r,
-                "ems_grid_phase_current_amperes",
-                "Grid current per phase, signed like power.",
-                &["phase"],
-            ),
-            grid_phase_voltage: gauge(
-                &r,
-                "ems_grid_phase_voltage_volts",
-                "Grid voltage per phase.",
-                &["phase"],
-            ),
-            inverter_ac_power: gauge(
-                &r,
-                "ems_inverter_ac_power_watts",
-                "Inverter AC output, + delivered to the site.",
-                &["device"],
-            ),
-            inverter_pv_power: gauge(
-                &r,
-                "ems_inverter_pv_power_watts",
-                "Inverter PV (DC) power.",
-                &["device"],
-            ),
-            inverter_battery_power: gauge(
-                &r,
-                "ems_inverter_battery_power_watts",
-                "Battery power, + discharge / - charge.",
-                &["device"],
-            ),
-            inverter_soc: gauge(
-                &r,
-                "ems_inverter_soc_percent",
-                "Battery state of charge.",
-                &["device"],
-            ),
-            device_health: gauge(
-                &r,
-                "ems_device_healthy",
-                "1 when the device's last read is fresh and fault-free.",
-                &["device", "kind"],
-            ),
-            device_age: gauge(
-                &r,
-                "ems_device_last_update_age_seconds",
-                "Seconds since the device's last good read.",
-                &["device", "kind"],
-            ),
+            grid_power: gauge(&r, "ems_grid_power_watts", "Site grid power, + import / - export.", &[]),
+            grid_phase_power: gauge(&r, "ems_grid_phase_power_watts", "Grid power per phase, + import.", &["phase"]),
+            grid_phase_current: gauge(&r, "ems_grid_phase_current_amperes", "Grid current per phase, signed like power.", &["phase"]),
+            grid_phase_voltage: gauge(&r, "ems_grid_phase_voltage_volts", "Grid voltage per phase.", &["phase"]),
+            grid_frequency: gauge(&r, "ems_grid_frequency_hertz", "Grid frequency at the grid meter.", &[]),
+            inverter_ac_power: gauge(&r, "ems_inverter_ac_power_watts", "Inverter AC output, + delivered to the site.", &["device"]),
+            inverter_pv_power: gauge(&r, "ems_inverter_pv_power_watts", "Inverter PV (DC) power.", &["device"]),
+            inverter_battery_power: gauge(&r, "ems_inverter_battery_power_watts", "Battery power, + discharge / - charge.", &["device"]),
+            inverter_soc: gauge(&r, "ems_inverter_soc_percent", "Battery state of charge.", &["device"]),
+            inverter_faults_active: gauge(&r, "ems_inverter_faults_active", "Fault bits (not warnings) the inverter reports now.", &["device"]),
+            inverter_fault: gauge(&r, "ems_inverter_fault", "1 while the inverter reports this fault or warning (names from the SAJ fault tables).", &["device", "fault", "severity"]),
+            device_health: gauge(&r, "ems_device_healthy", "1 when the device's last read is fresh and fault-free.", &["device", "kind"]),
+            device_age: gauge(&r, "ems_device_last_update_age_seconds", "Seconds since the device's last good read.", &["device", "kind"]),
             fail_safe: gauge(&r, "ems_fail_safe_active", "1 while the grid meter is lost and every inverter is held at zero export.", &[]),
             binding: gauge(&r, "ems_control_binding", "1 for the constraint holding the fleet back this cycle (export_limit, export_limit:L1, import_limit, soc, fail_safe, none).", &["constraint"]),
-            last_binding: std::sync::Mutex::new(None),
             setpoint_battery: gauge(&r, "ems_setpoint_battery_watts", "Battery power sent to the inverter, + discharge.", &["device"]),
             setpoint_cap: gauge(&r, "ems_setpoint_output_cap_watts", "Output cap sent to the inverter.", &["device"]),
-            export_limit: gauge(&r, "ems_export_limit_watts", "Configured export limit in W (per phase for the phase modes; A × nominal V for phase_current).", &["mode"]),
-            modbus_requests: counter(
-                "ems_modbus_requests_total",
-                "Modbus requests sent.",
-                &["link", "device"],
-            ),
-            modbus_errors: counter(
-                "ems_modbus_errors_total",
-                "Failed Modbus requests by kind.",
-                &["link", "device", "kind"],
-            ),
-            modbus_latency: histogram(
-                "ems_modbus_request_duration_seconds",
-                "Modbus request round-trip time.",
-                &["link"],
-                vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ],
-            ),
+            export_limit: gauge(&r, "ems_export_limit_watts", "Export limit in force: for the sum of phases (total_power) or per phase (phase modes; A × nominal V for phase_current).", &["mode"]),
+            import_limit: gauge(&r, "ems_import_limit_watts", "Import limit in force, like ems_export_limit_watts.", &["mode"]),
+            modbus_requests: counter(&r, "ems_modbus_requests_total", "Modbus requests sent.", &["link", "device"]),
+            modbus_errors: counter(&r, "ems_modbus_errors_total", "Failed Modbus requests and undecodable answers, by kind.", &["link", "device", "kind"]),
+            modbus_exceptions: counter(&r, "ems_modbus_exceptions_total", "Modbus exception answers by exception code.", &["link", "device", "code"]),
+            modbus_latency: histogram(&r, "ems_modbus_request_duration_seconds", "Modbus request round-trip time.", &["link", "device"], latency_buckets),
             cycle_duration: histogram(
+                &r,
                 "ems_cycle_duration_seconds",
-                "Duration of one poll-and-control cycle.",
+                "Duration of one read-decide-write cycle.",
                 &[],
                 vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
             ),
+            last: Mutex::new(Last::default()),
             registry: r,
         }
     }
 
+    /// Start a device's request and error counters at zero.
+    pub fn register_device(&self, link: &str, device: &str) {
+        self.modbus_requests.with_label_values(&[link, device]);
+        for kind in ERROR_KINDS {
+            self.modbus_errors.with_label_values(&[link, device, kind]);
+        }
+    }
+
+    pub fn record_request<T>(
+        &self,
+        link: &str,
+        device: &str,
+        result: &Result<T, LinkError>,
+        took: Duration,
+    ) {
+        self.modbus_requests
+            .with_label_values(&[link, device])
+            .inc();
+        match result {
+            Ok(_) => self
+                .modbus_latency
+                .with_label_values(&[link, device])
+                .observe(took.as_secs_f64()),
+            Err(e) => {
+                self.modbus_errors
+                    .with_label_values(&[link, device, e.kind()])
+                    .inc();
+                if let LinkError::Exception(code) = e {
+                    let code = format!("{code:#04x}");
+                    self.modbus_exceptions
+                        .with_label_values(&[link, device, &code])
+                        .inc();
+                }
+            }
+        }
+    }
+
+    /// An answer that arrived but could not be what the device meant.
+    pub fn record_decode_error(&self, link: &str, device: &str) {
+        self.modbus_errors
+            .with_label_values(&[link, device, "decode"])
+            .inc();
+    }
+
+    pub fn observe_cycle(&self, took: Duration) {
+        self.cycle_duration
+            .with_label_values(NO_LABELS)
+            .observe(took.as_secs_f64());
+    }
+
     /// Mirror a status into the gauges. Values of stale devices are removed, not frozen.
     pub fn observe(&self, s: &Status) {
-        set_or_clear(&self.grid_power, &[], s.grid.power_w);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        set_or_clear(&self.grid_power, NO_LABELS, s.grid.power_w);
+        set_or_clear(&self.grid_frequency, NO_LABELS, s.grid.frequency_hz);
         for p in &s.grid.phases {
             let l = [p.phase.as_str()];
             set_or_clear(&self.grid_phase_power, &l, p.power_w);
             set_or_clear(&self.grid_phase_current, &l, p.current_a);
             set_or_clear(&self.grid_phase_voltage, &l, p.voltage_v);
         }
+        let mut faults = BTreeSet::new();
         for inv in &s.inverters {
             let l = [inv.id.as_str()];
             set_or_clear(&self.inverter_ac_power, &l, inv.ac_power_w);
             set_or_clear(&self.inverter_pv_power, &l, inv.pv_power_w);
             set_or_clear(&self.inverter_battery_power, &l, inv.battery_power_w);
             set_or_clear(&self.inverter_soc, &l, inv.soc_pct);
-            let l = [inv.id.as_str(), "inverter"];
-            self.device_health
-                .with_label_values(&l)
-                .set(f64::from(u8::from(inv.health == Health::Ok)));
-            set_or_clear(&self.device_age, &l, inv.age_s);
-        }
-        if let Some(c) = &s.control {
-            self.fail_safe
-                .with_label_values(&[] as &[&str])
-                .set(f64::from(u8::from(c.fail_safe)));
-            // One series: the constraint binding now.
-            let now = c.binding.clone().unwrap_or_else(|| "none".into());
-            let mut last = self.last_binding.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(old) = last.as_deref().filter(|old| *old != now) {
-                let _ = self.binding.remove_label_values(&[old]);
-            }
-            self.binding.with_label_values(&[now.as_str()]).set(1.0);
-            *last = Some(now);
-        }
-        for inv in &s.inverters {
-            let l = [inv.id.as_str()];
             set_or_clear(
                 &self.setpoint_battery,
                 &l,
@@ -197,16 +206,59 @@ impl Metrics {
                 &l,
                 inv.setpoint.map(|sp| sp.output_cap_w),
             );
+            let fresh = inv.health != Health::Stale;
+            set_or_clear(
+                &self.inverter_faults_active,
+                &l,
+                fresh.then_some(inv.faults.len() as f64),
+            );
+            for (names, severity) in [(&inv.faults, "fault"), (&inv.warnings, "warning")] {
+                for name in names.iter() {
+                    self.inverter_fault
+                        .with_label_values(&[inv.id.as_str(), name, severity])
+                        .set(1.0);
+                    faults.insert((format!("{}\u{0}{severity}", inv.id), *name));
+                }
+            }
+            let l = [inv.id.as_str(), "inverter"];
+            self.device_health
+                .with_label_values(&l)
+                .set(f64::from(u8::from(inv.health == Health::Ok)));
+            set_or_clear(&self.device_age, &l, inv.age_s);
         }
-        let e = &s.export_limit;
-        let limit_w = e.limit_w.or(e.limit_a.map(|a| a * s.nominal_voltage_v));
-        set_or_clear(&self.export_limit, &[e.mode], limit_w);
+        for gone in last.faults.difference(&faults) {
+            let (device, severity) = gone.0.split_once('\u{0}').unwrap_or((&gone.0, ""));
+            let _ = self
+                .inverter_fault
+                .remove_label_values(&[device, gone.1, severity]);
+        }
+        last.faults = faults;
         for m in &s.meters {
             let l = [m.id.as_str(), "meter"];
             self.device_health
                 .with_label_values(&l)
                 .set(f64::from(u8::from(m.health == Health::Ok)));
             set_or_clear(&self.device_age, &l, m.age_s);
+        }
+        if let Some(c) = &s.control {
+            self.fail_safe
+                .with_label_values(NO_LABELS)
+                .set(f64::from(u8::from(c.fail_safe)));
+            let now = c.binding.clone().unwrap_or_else(|| "none".into());
+            if let Some(old) = last.binding.as_deref().filter(|old| *old != now) {
+                let _ = self.binding.remove_label_values(&[old]);
+            }
+            self.binding.with_label_values(&[now.as_str()]).set(1.0);
+            last.binding = Some(now);
+        }
+        for (gauge, limit) in [
+            (&self.export_limit, Some(&s.export_limit)),
+            (&self.import_limit, s.import_limit.as_ref()),
+        ] {
+            if let Some(l) = limit {
+                let w = l.limit_w.or(l.limit_a.map(|a| a * s.nominal_voltage_v));
+                set_or_clear(gauge, &[l.mode], w);
+            }
         }
     }
 

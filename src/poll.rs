@@ -11,6 +11,7 @@ use crate::drivers::chint::{self, decode_energy, decode_instant, role_sign};
 use crate::drivers::saj::{self, Identity, Nameplate};
 use crate::drivers::{InverterReading, MeterEnergy, MeterReading, ReadBlock, Table};
 use crate::link::{Link, LinkError};
+use crate::metrics::Metrics;
 
 /// Consecutive failures before a device is polled less often.
 const BACKOFF_AFTER: u32 = 3;
@@ -21,6 +22,27 @@ const SLOW_PERIOD: Duration = Duration::from_secs(60);
 /// On a lean (RS485) link, the inverter's full real-time block — state, faults, SOC,
 /// per-phase detail — is read this often; its power totals every cycle.
 const STATUS_PERIOD: Duration = Duration::from_secs(5);
+
+/// Why a poll got no reading.
+#[derive(Debug, thiserror::Error)]
+enum PollError {
+    #[error("{0}")]
+    Link(#[from] LinkError),
+    #[error("bad data: {0}")]
+    Decode(#[from] crate::drivers::DecodeError),
+}
+
+/// Answers that arrived but made no sense count as decode errors (the link counts the rest).
+fn count_decode_error<T>(
+    result: &Result<T, PollError>,
+    metrics: Option<&Metrics>,
+    link: &str,
+    device: &str,
+) {
+    if let (Err(PollError::Decode(_)), Some(m)) = (result, metrics) {
+        m.record_decode_error(link, device);
+    }
+}
 
 /// When a device last answered well, and why it did not since.
 #[derive(Debug, Clone, Default)]
@@ -40,7 +62,7 @@ impl Freshness {
     fn settle<T>(
         &mut self,
         slot: &mut Option<T>,
-        result: Result<T, String>,
+        result: Result<T, PollError>,
         now: Duration,
         cycle: Duration,
         device: &str,
@@ -53,7 +75,7 @@ impl Freshness {
             }
             Err(why) => {
                 tracing::debug!(device, "poll failed: {why}");
-                self.fail(now, why, cycle);
+                self.fail(now, why.to_string(), cycle);
                 false
             }
         }
@@ -95,6 +117,7 @@ pub struct InverterPoller {
     /// Read only the power totals each cycle (RS485, where wire time is precious).
     lean: bool,
     status_read_at: Option<Duration>,
+    metrics: Option<Arc<Metrics>>,
     pub fresh: Freshness,
 }
 
@@ -114,8 +137,15 @@ impl InverterPoller {
             identity_read_at: None,
             lean,
             status_read_at: None,
+            metrics: None,
             fresh: Freshness::default(),
         }
+    }
+
+    /// Count undecodable answers in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn link(&self) -> &Link {
@@ -136,24 +166,29 @@ impl InverterPoller {
             || self
                 .status_read_at
                 .is_none_or(|t| now.saturating_sub(t) >= STATUS_PERIOD);
-        let result = async {
-            let totals = self.read(saj::TOTALS).await.map_err(|e| e.to_string())?;
-            if status_due {
-                let realtime = self.read(saj::REALTIME).await.map_err(|e| e.to_string())?;
-                saj::decode_realtime(&self.plate, &realtime, &totals)
-                    .map_err(|e| format!("bad data: {e}"))
-            } else {
-                let t = saj::decode_totals(&self.plate, &totals)
-                    .map_err(|e| format!("bad data: {e}"))?;
-                let mut reading = self.reading.clone().ok_or("no status yet")?;
-                reading.refresh(t);
-                Ok(reading)
+        let result: Result<InverterReading, PollError> = async {
+            let totals = self.read(saj::TOTALS).await?;
+            match (status_due, self.reading.clone()) {
+                (false, Some(mut reading)) => {
+                    reading.refresh(saj::decode_totals(&self.plate, &totals)?);
+                    Ok(reading)
+                }
+                _ => {
+                    let realtime = self.read(saj::REALTIME).await?;
+                    Ok(saj::decode_realtime(&self.plate, &realtime, &totals)?)
+                }
             }
         }
         .await;
         if status_due && result.is_ok() {
             self.status_read_at = Some(now);
         }
+        count_decode_error(
+            &result,
+            self.metrics.as_deref(),
+            self.link.name(),
+            &self.device,
+        );
         if !self
             .fresh
             .settle(&mut self.reading, result, now, cycle, &self.device)
@@ -181,6 +216,7 @@ pub struct MeterPoller {
     energy_read_at: Option<Duration>,
     pub reading: Option<MeterReading>,
     pub energy: Option<MeterEnergy>,
+    metrics: Option<Arc<Metrics>>,
     pub fresh: Freshness,
 }
 
@@ -195,8 +231,15 @@ impl MeterPoller {
             energy_read_at: None,
             reading: None,
             energy: None,
+            metrics: None,
             fresh: Freshness::default(),
         }
+    }
+
+    /// Count undecodable answers in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Read `block` from the meter's table; a meter that refuses FC03 is asked with FC04
@@ -225,17 +268,22 @@ impl MeterPoller {
         }
         let sign = role_sign(self.cfg.role, self.cfg.invert);
         let previous_hz = self.reading.as_ref().and_then(|r| r.frequency_hz);
-        let result = match self.read(chint::instant_block(self.cfg.model)).await {
-            Ok(words) => {
-                decode_instant(self.cfg.model, &words, sign).map_err(|e| format!("bad data: {e}"))
-            }
-            Err(e) => Err(e.to_string()),
-        };
+        let result: Result<MeterReading, PollError> =
+            match self.read(chint::instant_block(self.cfg.model)).await {
+                Ok(words) => decode_instant(self.cfg.model, &words, sign).map_err(PollError::from),
+                Err(e) => Err(e.into()),
+            };
         // The DTSU666's frequency comes with the slow reads: keep the last one.
         let result = result.map(|mut r| {
             r.frequency_hz = r.frequency_hz.or(previous_hz);
             r
         });
+        count_decode_error(
+            &result,
+            self.metrics.as_deref(),
+            self.link.name(),
+            &self.device,
+        );
         if !self
             .fresh
             .settle(&mut self.reading, result, now, cycle, &self.device)

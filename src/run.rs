@@ -54,7 +54,9 @@ impl Ems {
         let meters = config
             .meters
             .iter()
-            .filter_map(|m| Some(MeterPoller::new(m.clone(), link_of(&m.link)?)))
+            .filter_map(|m| {
+                Some(MeterPoller::new(m.clone(), link_of(&m.link)?).with_metrics(metrics.clone()))
+            })
             .collect();
         let inverters: Vec<InverterPoller> = config
             .inverters
@@ -63,9 +65,18 @@ impl Ems {
                 let lean = config
                     .link(&i.link)
                     .is_some_and(|l| l.kind == LinkKind::Rtu);
-                Some(InverterPoller::new(i.clone(), link_of(&i.link)?, lean))
+                Some(
+                    InverterPoller::new(i.clone(), link_of(&i.link)?, lean)
+                        .with_metrics(metrics.clone()),
+                )
             })
             .collect();
+        for m in &config.meters {
+            metrics.register_device(&m.link, &m.id);
+        }
+        for i in &config.inverters {
+            metrics.register_device(&i.link, &i.id);
+        }
         let actuators = inverters
             .iter()
             .map(|p| {
@@ -253,10 +264,7 @@ impl Ems {
             self.cycle,
         );
         self.metrics.observe(&status);
-        self.metrics
-            .cycle_duration
-            .with_label_values(&[] as &[&str])
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.observe_cycle(started.elapsed());
         self.publish.send_replace(Some(Published {
             status: Arc::new(status),
             at: Instant::now(),
