@@ -32,8 +32,114 @@ pub struct SiteConfig {
     pub links: Vec<LinkConfig>,
     pub meters: Vec<MeterConfig>,
     pub inverters: Vec<InverterConfig>,
+    /// Time-of-use optimisation; absent means no planner (plan mode then runs
+    /// self-consumption).
+    #[serde(default)]
+    pub planner: Option<PlannerConfig>,
     #[serde(default)]
     pub simulation: SimulationConfig,
+}
+
+/// A price that depends on weekday and time of day (site timezone), the way installers set
+/// tariffs in the vendor app. The first matching period wins; `default` covers the rest.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TouTariff {
+    /// Price per kWh outside every period.
+    pub default: f64,
+    #[serde(default)]
+    pub periods: Vec<PricePeriod>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PricePeriod {
+    /// Empty means every day.
+    #[serde(default)]
+    pub days: Vec<Weekday>,
+    pub start: String,
+    pub end: String,
+    /// Per kWh; may be negative.
+    pub price: f64,
+}
+
+/// Where a price or power series comes from: time-of-use periods, or a CSV file of
+/// `start,value` rows (RFC 3339 start, 15-min or hourly).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceSource {
+    #[serde(default)]
+    pub tou: Option<TouTariff>,
+    #[serde(default)]
+    pub csv: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PvForecastConfig {
+    /// Clear-sky-shaped curve scaled to this peak (W).
+    #[serde(default)]
+    pub peak_w: Option<f64>,
+    #[serde(default)]
+    pub csv: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadForecastConfig {
+    /// 24 hourly values (W) for a typical day.
+    #[serde(default)]
+    pub profile_w: Option<Vec<f64>>,
+    #[serde(default)]
+    pub csv: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannerConfig {
+    #[serde(default = "default_horizon_h")]
+    pub horizon_h: f64,
+    #[serde(default = "default_step_min")]
+    pub step_min: u32,
+    /// Re-plan this often (and when prices, forecasts or limits change).
+    #[serde(default = "default_replan_min")]
+    pub replan_min: f64,
+    /// A solve that takes longer is abandoned: the EMS runs self-consumption.
+    #[serde(default = "default_solve_time_limit_s")]
+    pub solve_time_limit_s: f64,
+    /// Tie-breaker against needless cycling, per kWh charged or discharged.
+    #[serde(default = "default_cycling_cost")]
+    pub cycling_cost_per_kwh: f64,
+    /// Cost of each kWh outside the SOC bounds (soft, so a plan always exists).
+    #[serde(default = "default_soc_penalty")]
+    pub soc_penalty_per_kwh: f64,
+    /// Value of energy left at the horizon's end; the mean import price × discharge
+    /// efficiency when absent, so the plan does not empty the batteries at the end.
+    #[serde(default)]
+    pub terminal_value_per_kwh: Option<f64>,
+    pub import_price: PriceSource,
+    pub export_price: PriceSource,
+    pub pv_forecast: PvForecastConfig,
+    pub load_forecast: LoadForecastConfig,
+}
+
+fn default_horizon_h() -> f64 {
+    24.0
+}
+fn default_step_min() -> u32 {
+    15
+}
+fn default_replan_min() -> f64 {
+    15.0
+}
+fn default_solve_time_limit_s() -> f64 {
+    5.0
+}
+fn default_cycling_cost() -> f64 {
+    0.005
+}
+fn default_soc_penalty() -> f64 {
+    10.0
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -56,7 +56,93 @@ pub fn validate(c: &SiteConfig, locator: &Locator, file: &str) -> Vec<ConfigErro
     meters(c, &mut r);
     inverters(c, &mut r);
     topology(c, &mut r);
+    planner(c, &mut r);
     r.errors
+}
+
+fn planner(c: &SiteConfig, r: &mut Report) {
+    let Some(p) = &c.planner else {
+        return;
+    };
+    if !(0.25..=168.0).contains(&p.horizon_h) {
+        r.err(
+            path!["planner", "horizon_h"],
+            format!("horizon {} h is outside 0.25–168 h", p.horizon_h),
+            "plan up to 7 days ahead, e.g. 24",
+        );
+    }
+    if ![5, 10, 15, 30, 60].contains(&p.step_min) {
+        r.err(
+            path!["planner", "step_min"],
+            format!("step of {} min is not supported", p.step_min),
+            "use 5, 10, 15, 30 or 60",
+        );
+    }
+    if !(1.0..=1440.0).contains(&p.replan_min) {
+        r.err(
+            path!["planner", "replan_min"],
+            format!("replan_min {} is outside 1–1440", p.replan_min),
+            "re-plan every 15 minutes, say",
+        );
+    }
+    if !(0.01..=600.0).contains(&p.solve_time_limit_s) {
+        r.err(
+            path!["planner", "solve_time_limit_s"],
+            format!(
+                "solve_time_limit_s {} is outside 0.01–600",
+                p.solve_time_limit_s
+            ),
+            "give a few seconds, e.g. 5",
+        );
+    }
+    for (field, src) in [
+        ("import_price", &p.import_price),
+        ("export_price", &p.export_price),
+    ] {
+        if src.tou.is_some() == src.csv.is_some() {
+            r.err(
+                path!["planner", field],
+                format!("{field} needs exactly one of `tou` or `csv`"),
+                "give `tou: {default: 0.30, periods: [...]}` or `csv: prices.csv`",
+            );
+        }
+        if let Some(t) = &src.tou {
+            for (i, per) in t.periods.iter().enumerate() {
+                for (f, v) in [("start", &per.start), ("end", &per.end)] {
+                    if parse_hhmm(v).is_none() {
+                        r.err(
+                            path!["planner", field, "tou", "periods", i, f],
+                            format!("`{v}` is not a time of day"),
+                            "write HH:MM in the site timezone",
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if p.pv_forecast.peak_w.is_some() == p.pv_forecast.csv.is_some() {
+        r.err(
+            path!["planner", "pv_forecast"],
+            "pv_forecast needs exactly one of `peak_w` or `csv`",
+            "give the array's peak in W, or a CSV series",
+        );
+    }
+    match (&p.load_forecast.profile_w, &p.load_forecast.csv) {
+        (Some(v), None) if v.len() != 24 || v.iter().any(|x| !x.is_finite() || *x < 0.0) => r.err(
+            path!["planner", "load_forecast", "profile_w"],
+            format!(
+                "profile_w has {} values; it needs 24 hourly loads ≥ 0 W",
+                v.len()
+            ),
+            "give one value per hour of the day, midnight first",
+        ),
+        (Some(_), None) | (None, Some(_)) => {}
+        _ => r.err(
+            path!["planner", "load_forecast"],
+            "load_forecast needs exactly one of `profile_w` or `csv`",
+            "give 24 hourly values or a CSV series",
+        ),
+    }
 }
 
 fn site_and_grid(c: &SiteConfig, r: &mut Report) {

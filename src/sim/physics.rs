@@ -4,13 +4,14 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Datelike, NaiveDateTime, TimeZone, Timelike, Utc};
+use chrono::{DateTime, NaiveDateTime, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::config::{BatteryConfig, Phase, SiteConfig};
 use crate::drivers::saj::{self, app_mode, passive, reg};
+pub use crate::solar::clear_sky;
 
 /// One simulated hybrid inverter with its battery and PV strings.
 #[derive(Debug, Clone)]
@@ -137,22 +138,6 @@ pub fn parse_local_start(s: &str, tz: Tz) -> Option<DateTime<Utc>> {
     tz.from_local_datetime(&naive)
         .earliest()
         .map(|t| t.with_timezone(&Utc))
-}
-
-/// Clear-sky-like irradiance, 0–1, for a local time at mid-northern latitude.
-pub fn clear_sky(local: NaiveDateTime) -> f64 {
-    let doy = f64::from(local.ordinal());
-    let day_len_h = 12.0 + 4.0 * (2.0 * std::f64::consts::PI * (doy - 80.0) / 365.0).sin();
-    let noon_h = 13.0;
-    let h = f64::from(local.hour())
-        + f64::from(local.minute()) / 60.0
-        + f64::from(local.second()) / 3600.0;
-    let x = (h - (noon_h - day_len_h / 2.0)) / day_len_h;
-    if (0.0..=1.0).contains(&x) {
-        (std::f64::consts::PI * x).sin().powf(1.5)
-    } else {
-        0.0
-    }
 }
 
 /// Daily load shape, 0–1: breakfast, midday and an evening peak.

@@ -1,0 +1,226 @@
+//! Planner inputs from the site file: prices (time-of-use periods or CSV), PV and load
+//! forecasts (model, profile or CSV), the batteries and the grid connection's limits.
+//! Each source says where its numbers came from.
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
+use chrono_tz::Tz;
+
+use super::series::Series;
+use super::{Battery, PlanInputs, Sources};
+use crate::config::{
+    parse_hhmm, LimitMode, LoadForecastConfig, PlannerConfig, PriceSource, PvForecastConfig,
+    SiteConfig,
+};
+use crate::solar::clear_sky;
+
+/// Files given on the command line instead of the site file's sources.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub import_csv: Option<String>,
+    pub export_csv: Option<String>,
+    pub pv_csv: Option<String>,
+    pub load_csv: Option<String>,
+    pub horizon_h: Option<f64>,
+}
+
+enum Source {
+    Tou(crate::config::TouTariff),
+    Csv(Series),
+}
+
+fn price_source(
+    p: &PriceSource,
+    csv_override: Option<&String>,
+) -> Result<(Source, String), String> {
+    if let Some(path) = csv_override.or(p.csv.as_ref()) {
+        let s = Series::read_csv(path)?;
+        let name = s.source.clone();
+        return Ok((Source::Csv(s), name));
+    }
+    match &p.tou {
+        Some(t) => Ok((
+            Source::Tou(t.clone()),
+            "time-of-use periods in the site file".into(),
+        )),
+        None => Err("no price source".into()),
+    }
+}
+
+fn tou_price(t: &crate::config::TouTariff, local: chrono::NaiveDateTime) -> f64 {
+    let minute = local.hour() * 60 + local.minute();
+    let day = local.weekday().num_days_from_monday() as u8;
+    for p in &t.periods {
+        let on_day = p.days.is_empty() || p.days.iter().any(|d| *d as u8 == day);
+        let (s, e) = (
+            parse_hhmm(&p.start).unwrap_or(0),
+            parse_hhmm(&p.end).unwrap_or(0),
+        );
+        let inside = if s < e {
+            (s..e).contains(&minute)
+        } else {
+            minute >= s || minute < e
+        };
+        if on_day && inside {
+            return p.price;
+        }
+    }
+    t.default
+}
+
+fn value_at(src: &Source, t: DateTime<Utc>, tz: Tz, what: &str) -> Result<f64, String> {
+    match src {
+        Source::Tou(tariff) => Ok(tou_price(tariff, t.with_timezone(&tz).naive_local())),
+        Source::Csv(s) => s
+            .at(t)
+            .ok_or_else(|| format!("{}: no {what} for {}", s.source, t.to_rfc3339())),
+    }
+}
+
+fn pv_source(
+    p: &PvForecastConfig,
+    csv_override: Option<&String>,
+) -> Result<(Option<Series>, f64, String), String> {
+    if let Some(path) = csv_override.or(p.csv.as_ref()) {
+        let s = Series::read_csv(path)?;
+        let name = s.source.clone();
+        return Ok((Some(s), 0.0, name));
+    }
+    let peak = p.peak_w.unwrap_or(0.0);
+    Ok((
+        None,
+        peak,
+        format!("clear-sky model scaled to a {peak:.0} W peak"),
+    ))
+}
+
+fn load_source(
+    l: &LoadForecastConfig,
+    csv_override: Option<&String>,
+) -> Result<(Option<Series>, Vec<f64>, String), String> {
+    if let Some(path) = csv_override.or(l.csv.as_ref()) {
+        let s = Series::read_csv(path)?;
+        let name = s.source.clone();
+        return Ok((Some(s), Vec::new(), name));
+    }
+    let profile = l.profile_w.clone().unwrap_or_else(|| vec![0.0; 24]);
+    Ok((
+        None,
+        profile,
+        "daily profile in the site file (24 hourly values)".into(),
+    ))
+}
+
+/// The grid limit as a total over phases (the guard loop holds the per-phase limits).
+fn total_limit_w(
+    c: &SiteConfig,
+    mode: LimitMode,
+    limit_w: Option<f64>,
+    limit_a: Option<f64>,
+) -> f64 {
+    let phases = f64::from(c.grid.phases);
+    match mode {
+        LimitMode::TotalPower => limit_w.unwrap_or(0.0),
+        LimitMode::PhasePower => limit_w.unwrap_or(0.0) * phases,
+        LimitMode::PhaseCurrent => limit_a.unwrap_or(0.0) * c.grid.nominal_voltage_v * phases,
+    }
+}
+
+/// Build the inputs for a plan starting at `start` (rounded down to a step), with the
+/// batteries at `soc_pct` (one per inverter, config order).
+pub fn from_config(
+    c: &SiteConfig,
+    p: &PlannerConfig,
+    start: DateTime<Utc>,
+    soc_pct: &[f64],
+    o: &Overrides,
+) -> Result<PlanInputs, String> {
+    let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+    let step_s = f64::from(p.step_min) * 60.0;
+    let start_ts = start.timestamp();
+    let start = DateTime::<Utc>::from_timestamp(start_ts - start_ts.rem_euclid(step_s as i64), 0)
+        .unwrap_or(start);
+    let horizon_h = o.horizon_h.unwrap_or(p.horizon_h).clamp(0.25, 168.0);
+    let n = ((horizon_h * 3600.0) / step_s).round().max(1.0) as usize;
+
+    let (imp, imp_src) = price_source(&p.import_price, o.import_csv.as_ref())?;
+    let (exp, exp_src) = price_source(&p.export_price, o.export_csv.as_ref())?;
+    let (pv_csv, pv_peak, pv_src) = pv_source(&p.pv_forecast, o.pv_csv.as_ref())?;
+    let (load_csv, profile, load_src) = load_source(&p.load_forecast, o.load_csv.as_ref())?;
+
+    let mut inputs = PlanInputs {
+        start,
+        step_s,
+        import_price: Vec::with_capacity(n),
+        export_price: Vec::with_capacity(n),
+        pv_w: Vec::with_capacity(n),
+        load_w: Vec::with_capacity(n),
+        batteries: Vec::new(),
+        export_limit_w: total_limit_w(
+            c,
+            c.export_limit.mode,
+            c.export_limit.limit_w,
+            c.export_limit.limit_a,
+        ),
+        import_limit_w: c
+            .import_limit
+            .as_ref()
+            .map(|i| total_limit_w(c, i.mode, i.limit_w, i.limit_a)),
+        reserve_pct: match c.working_mode.mode {
+            crate::config::WorkingMode::Backup => c.working_mode.reserve_soc_pct.unwrap_or(0.0),
+            _ => 0.0,
+        },
+        cycling_cost_per_kwh: p.cycling_cost_per_kwh,
+        soc_penalty_per_kwh: p.soc_penalty_per_kwh,
+        terminal_value_per_kwh: p.terminal_value_per_kwh,
+        time_limit_s: p.solve_time_limit_s,
+        sources: Sources {
+            import_price: imp_src,
+            export_price: exp_src,
+            pv: pv_src,
+            load: load_src,
+        },
+    };
+    for k in 0..n {
+        let t = start + chrono::Duration::seconds((k as f64 * step_s) as i64);
+        let local = t.with_timezone(&tz).naive_local();
+        inputs
+            .import_price
+            .push(value_at(&imp, t, tz, "import price")?);
+        inputs
+            .export_price
+            .push(value_at(&exp, t, tz, "export price")?);
+        inputs.pv_w.push(match &pv_csv {
+            Some(s) => s
+                .at(t)
+                .ok_or_else(|| format!("{}: no PV value for {}", s.source, t.to_rfc3339()))?
+                .max(0.0),
+            None => pv_peak * clear_sky(local + chrono::Duration::seconds((step_s / 2.0) as i64)),
+        });
+        inputs.load_w.push(match &load_csv {
+            Some(s) => s
+                .at(t)
+                .ok_or_else(|| format!("{}: no load value for {}", s.source, t.to_rfc3339()))?
+                .max(0.0),
+            None => profile.get(local.hour() as usize).copied().unwrap_or(0.0),
+        });
+    }
+    for (k, inv) in c.inverters.iter().enumerate() {
+        let b = &inv.battery;
+        inputs.batteries.push(Battery {
+            id: inv.id.clone(),
+            capacity_wh: b.capacity_wh,
+            max_charge_w: b.max_charge_w.min(inv.rated_power_w),
+            max_discharge_w: b.max_discharge_w.min(inv.rated_power_w),
+            charge_efficiency: b.charge_efficiency,
+            discharge_efficiency: b.discharge_efficiency,
+            soc_min_pct: b.soc_min_pct,
+            soc_max_pct: b.soc_max_pct,
+            soc_pct: soc_pct
+                .get(k)
+                .copied()
+                .unwrap_or(b.soc_min_pct)
+                .clamp(0.0, 100.0),
+        });
+    }
+    Ok(inputs)
+}

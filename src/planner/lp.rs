@@ -1,0 +1,293 @@
+//! The LP, built with good_lp and solved with Clarabel.
+
+use std::time::Instant;
+
+use good_lp::solvers::clarabel::clarabel;
+use good_lp::{variable, variables, Expression, ResolutionError, Solution, SolverModel, Variable};
+
+use super::{baseline_cost, BatteryStep, Plan, PlanError, PlanInputs, PlanStep};
+
+/// Batteries with the same efficiencies, solved as one.
+struct Group {
+    members: Vec<usize>,
+    eta_c: f64,
+    eta_d: f64,
+    cap_wh: f64,
+    max_c: f64,
+    max_d: f64,
+    e0: f64,
+    e_min: f64,
+    e_max: f64,
+}
+
+fn groups(i: &PlanInputs) -> Vec<Group> {
+    let mut out: Vec<Group> = Vec::new();
+    for (k, b) in i.batteries.iter().enumerate() {
+        let floor = b.soc_min_pct.max(i.reserve_pct);
+        let g = match out
+            .iter_mut()
+            .find(|g| g.eta_c == b.charge_efficiency && g.eta_d == b.discharge_efficiency)
+        {
+            Some(g) => g,
+            None => {
+                out.push(Group {
+                    members: Vec::new(),
+                    eta_c: b.charge_efficiency,
+                    eta_d: b.discharge_efficiency,
+                    cap_wh: 0.0,
+                    max_c: 0.0,
+                    max_d: 0.0,
+                    e0: 0.0,
+                    e_min: 0.0,
+                    e_max: 0.0,
+                });
+                out.last_mut().expect("just pushed")
+            }
+        };
+        g.members.push(k);
+        g.cap_wh += b.capacity_wh;
+        g.max_c += b.max_charge_w;
+        g.max_d += b.max_discharge_w;
+        g.e0 += b.capacity_wh * b.soc_pct / 100.0;
+        g.e_min += b.capacity_wh * floor / 100.0;
+        g.e_max += b.capacity_wh * b.soc_max_pct / 100.0;
+    }
+    out
+}
+
+fn check(i: &PlanInputs) -> Result<(), PlanError> {
+    let n = i.steps();
+    if n == 0 {
+        return Err(PlanError::Inputs("no steps".into()));
+    }
+    for (name, v) in [
+        ("export price", &i.export_price),
+        ("PV", &i.pv_w),
+        ("load", &i.load_w),
+    ] {
+        if v.len() != n {
+            return Err(PlanError::Inputs(format!(
+                "{name} has {} values for {n} steps",
+                v.len()
+            )));
+        }
+    }
+    let all = i
+        .import_price
+        .iter()
+        .chain(&i.export_price)
+        .chain(&i.pv_w)
+        .chain(&i.load_w);
+    if all.clone().any(|x| !x.is_finite()) {
+        return Err(PlanError::Inputs(
+            "a price or forecast is not a number".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Solve the plan. Always returns a plan when the inputs are sound; SOC bounds that cannot
+/// be kept are reported in `violations`.
+pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
+    check(i)?;
+    let started = Instant::now();
+    let n = i.steps();
+    let dt_h = i.step_s / 3600.0;
+    let gs = groups(i);
+    let mean_import = i.import_price.iter().sum::<f64>() / n as f64;
+
+    let mut vars = variables!();
+    let import_cap = i.import_limit_w.unwrap_or(f64::INFINITY);
+    let imp: Vec<Variable> = (0..n)
+        .map(|_| vars.add(variable().min(0.0).max(import_cap)))
+        .collect();
+    let exp: Vec<Variable> = (0..n)
+        .map(|_| vars.add(variable().min(0.0).max(i.export_limit_w.max(0.0))))
+        .collect();
+    let cur: Vec<Variable> = (0..n)
+        .map(|t| vars.add(variable().min(0.0).max(i.pv_w[t])))
+        .collect();
+    let mut c = Vec::new();
+    let mut d = Vec::new();
+    let mut e = Vec::new();
+    let mut slack_lo = Vec::new();
+    let mut slack_hi = Vec::new();
+    for g in &gs {
+        c.push(
+            (0..n)
+                .map(|_| vars.add(variable().min(0.0).max(g.max_c)))
+                .collect::<Vec<_>>(),
+        );
+        d.push(
+            (0..n)
+                .map(|_| vars.add(variable().min(0.0).max(g.max_d)))
+                .collect::<Vec<_>>(),
+        );
+        e.push(
+            (0..n)
+                .map(|_| vars.add(variable().min(0.0).max(g.cap_wh)))
+                .collect::<Vec<_>>(),
+        );
+        slack_lo.push(
+            (0..n)
+                .map(|_| vars.add(variable().min(0.0)))
+                .collect::<Vec<_>>(),
+        );
+        slack_hi.push(
+            (0..n)
+                .map(|_| vars.add(variable().min(0.0)))
+                .collect::<Vec<_>>(),
+        );
+    }
+
+    let mut objective = Expression::from(0.0);
+    for t in 0..n {
+        // Exporting is never worth more than importing: no buying to sell in the same step.
+        let export_price = i.export_price[t].min(i.import_price[t]);
+        objective += (i.import_price[t] * dt_h / 1000.0) * imp[t];
+        objective -= (export_price * dt_h / 1000.0) * exp[t];
+    }
+    for (k, g) in gs.iter().enumerate() {
+        let terminal = i.terminal_value_per_kwh.unwrap_or(mean_import * g.eta_d);
+        for t in 0..n {
+            objective += (i.cycling_cost_per_kwh * dt_h / 1000.0) * (c[k][t] + d[k][t]);
+            objective += (i.soc_penalty_per_kwh / 1000.0) * (slack_lo[k][t] + slack_hi[k][t]);
+        }
+        objective -= (terminal / 1000.0) * e[k][n - 1];
+    }
+
+    let mut problem = vars.minimise(objective.clone()).using(clarabel);
+    problem.settings().time_limit(i.time_limit_s);
+    for t in 0..n {
+        let mut battery = Expression::from(0.0);
+        for k in 0..gs.len() {
+            battery += c[k][t] - d[k][t];
+        }
+        problem = problem.with((imp[t] - exp[t]).eq(i.load_w[t] - i.pv_w[t] + cur[t] + battery));
+    }
+    for (k, g) in gs.iter().enumerate() {
+        for t in 0..n {
+            let before: Expression = if t == 0 {
+                Expression::from(g.e0)
+            } else {
+                e[k][t - 1].into()
+            };
+            let flow = (g.eta_c * dt_h) * c[k][t] - (dt_h / g.eta_d) * d[k][t];
+            problem = problem
+                .with((e[k][t] - before - flow).eq(0.0))
+                .with((e[k][t] + slack_lo[k][t]).geq(g.e_min))
+                .with((e[k][t] - slack_hi[k][t]).leq(g.e_max));
+        }
+    }
+
+    let solution = problem.solve().map_err(|err| match err {
+        ResolutionError::Other(msg) if msg.contains("ime") => PlanError::Timeout(i.time_limit_s),
+        other => PlanError::Solver(other.to_string()),
+    })?;
+    let solve_ms = started.elapsed().as_secs_f64() * 1000.0;
+    if started.elapsed().as_secs_f64() > i.time_limit_s {
+        return Err(PlanError::Timeout(i.time_limit_s));
+    }
+
+    // Share each group's power among its batteries, step by step.
+    let nb = i.batteries.len();
+    let mut power = vec![vec![0.0; n]; nb];
+    let mut soc = vec![vec![0.0; n]; nb];
+    let mut violations = Vec::new();
+    for (k, g) in gs.iter().enumerate() {
+        let mut energy: Vec<f64> = g
+            .members
+            .iter()
+            .map(|&b| i.batteries[b].capacity_wh * i.batteries[b].soc_pct / 100.0)
+            .collect();
+        for t in 0..n {
+            let net = solution.value(d[k][t]) - solution.value(c[k][t]);
+            let rooms: Vec<f64> = g
+                .members
+                .iter()
+                .zip(&energy)
+                .map(|(&b, &en)| {
+                    let bat = &i.batteries[b];
+                    if net >= 0.0 {
+                        let above = (en
+                            - bat.capacity_wh * bat.soc_min_pct.max(i.reserve_pct) / 100.0)
+                            .max(0.0);
+                        bat.max_discharge_w.min(above * g.eta_d / dt_h)
+                    } else {
+                        let below = (bat.capacity_wh * bat.soc_max_pct / 100.0 - en).max(0.0);
+                        bat.max_charge_w.min(below / g.eta_c / dt_h)
+                    }
+                })
+                .collect();
+            let total_room: f64 = rooms.iter().sum();
+            for (m, &b) in g.members.iter().enumerate() {
+                let share = if total_room > 1e-9 {
+                    net * rooms[m] / total_room
+                } else {
+                    // No room left anywhere inside the bounds: share by capacity.
+                    net * i.batteries[b].capacity_wh / g.cap_wh.max(1e-9)
+                };
+                let flow_wh = if share >= 0.0 {
+                    -share * dt_h / g.eta_d
+                } else {
+                    -share * dt_h * g.eta_c
+                };
+                energy[m] = (energy[m] + flow_wh).clamp(0.0, i.batteries[b].capacity_wh);
+                power[b][t] = share;
+                soc[b][t] = energy[m] / i.batteries[b].capacity_wh.max(1e-9) * 100.0;
+            }
+            let lo = solution.value(slack_lo[k][t]);
+            let hi = solution.value(slack_hi[k][t]);
+            if (lo > 1.0 || hi > 1.0) && violations.len() < 20 {
+                violations.push(format!(
+                    "step {t}: batteries {} {:.0} Wh {} their SOC bounds",
+                    g.members
+                        .iter()
+                        .map(|&b| i.batteries[b].id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    lo.max(hi),
+                    if lo > hi { "below" } else { "above" }
+                ));
+            }
+        }
+    }
+
+    let mut cost = 0.0;
+    let steps = (0..n)
+        .map(|t| {
+            let grid = solution.value(imp[t]) - solution.value(exp[t]);
+            cost += (i.import_price[t] * solution.value(imp[t])
+                - i.export_price[t] * solution.value(exp[t]))
+                * dt_h
+                / 1000.0;
+            PlanStep {
+                start: (i.start + chrono::Duration::seconds((t as f64 * i.step_s) as i64))
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                import_price: i.import_price[t],
+                export_price: i.export_price[t],
+                pv_w: i.pv_w[t],
+                load_w: i.load_w[t],
+                grid_w: grid,
+                curtailed_w: solution.value(cur[t]),
+                batteries: (0..nb)
+                    .map(|b| BatteryStep {
+                        id: i.batteries[b].id.clone(),
+                        power_w: power[b][t],
+                        soc_pct: soc[b][t],
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    Ok(Plan {
+        cost,
+        baseline_cost: baseline_cost(i),
+        objective: solution.eval(&objective),
+        solve_ms,
+        step_s: i.step_s,
+        violations,
+        sources: i.sources.clone(),
+        steps,
+    })
+}

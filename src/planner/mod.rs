@@ -1,0 +1,153 @@
+//! Time-of-use optimisation: an LP over the battery fleet's charge and discharge for the
+//! horizon ahead, against import and export prices, within the grid connection's limits.
+//!
+//! SOC bounds are soft (penalised slack), so a plan always exists and its violations are
+//! reported rather than failing. A value on the energy left at the end stops the plan from
+//! emptying the batteries at the horizon, and a small cycling cost breaks ties against
+//! needless churn. Batteries with the same efficiencies share one connection and aggregate
+//! exactly into one for the solve; their powers are shared out afterwards.
+
+pub mod inputs;
+mod lp;
+pub mod series;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+pub use lp::solve;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Battery {
+    pub id: String,
+    pub capacity_wh: f64,
+    pub max_charge_w: f64,
+    pub max_discharge_w: f64,
+    pub charge_efficiency: f64,
+    pub discharge_efficiency: f64,
+    pub soc_min_pct: f64,
+    pub soc_max_pct: f64,
+    /// At the start of the plan.
+    pub soc_pct: f64,
+}
+
+/// Where each input series came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sources {
+    pub import_price: String,
+    pub export_price: String,
+    pub pv: String,
+    pub load: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanInputs {
+    pub start: DateTime<Utc>,
+    pub step_s: f64,
+    /// Per kWh, one per step.
+    pub import_price: Vec<f64>,
+    pub export_price: Vec<f64>,
+    pub pv_w: Vec<f64>,
+    pub load_w: Vec<f64>,
+    pub batteries: Vec<Battery>,
+    /// Sum over phases.
+    pub export_limit_w: f64,
+    pub import_limit_w: Option<f64>,
+    /// Back-up reserve every battery keeps (soft).
+    pub reserve_pct: f64,
+    pub cycling_cost_per_kwh: f64,
+    pub soc_penalty_per_kwh: f64,
+    pub terminal_value_per_kwh: Option<f64>,
+    pub time_limit_s: f64,
+    pub sources: Sources,
+}
+
+impl PlanInputs {
+    pub fn steps(&self) -> usize {
+        self.import_price.len()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BatteryStep {
+    pub id: String,
+    /// + discharge, − charge (AC side).
+    pub power_w: f64,
+    /// At the end of the step.
+    pub soc_pct: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanStep {
+    pub start: String,
+    pub import_price: f64,
+    pub export_price: f64,
+    pub pv_w: f64,
+    pub load_w: f64,
+    /// + import.
+    pub grid_w: f64,
+    pub curtailed_w: f64,
+    pub batteries: Vec<BatteryStep>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    /// Energy cost of the plan (imports less exports at their prices).
+    pub cost: f64,
+    /// The same site without batteries.
+    pub baseline_cost: f64,
+    /// The LP's objective: cost, cycling cost and SOC penalties, less the value of the
+    /// energy left at the end.
+    pub objective: f64,
+    pub solve_ms: f64,
+    pub step_s: f64,
+    /// SOC bounds the plan could not keep (soft constraints), in words.
+    pub violations: Vec<String>,
+    pub sources: Sources,
+    pub steps: Vec<PlanStep>,
+}
+
+impl Plan {
+    /// Battery targets (+ discharge) per battery for the step containing `t`.
+    pub fn targets_at(&self, t: DateTime<Utc>) -> Option<Vec<f64>> {
+        let first = DateTime::parse_from_rfc3339(&self.steps.first()?.start)
+            .ok()?
+            .with_timezone(&Utc);
+        let k = ((t - first).num_milliseconds() as f64 / 1000.0 / self.step_s).floor();
+        if k < 0.0 {
+            return None;
+        }
+        let step = self.steps.get(k as usize)?;
+        Some(step.batteries.iter().map(|b| b.power_w).collect())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PlanError {
+    #[error("bad planner inputs: {0}")]
+    Inputs(String),
+    #[error("the solver failed: {0}")]
+    Solver(String),
+    #[error("the solver ran past its {0} s limit")]
+    Timeout(f64),
+}
+
+/// Cost of the site without batteries: PV serves the load, the rest is imported, surplus is
+/// exported up to the limit (none at a negative export price) and curtailed beyond.
+pub fn baseline_cost(i: &PlanInputs) -> f64 {
+    let dt_h = i.step_s / 3600.0;
+    (0..i.steps())
+        .map(|t| {
+            let net = i.load_w[t] - i.pv_w[t];
+            if net >= 0.0 {
+                i.import_price[t] * net * dt_h / 1000.0
+            } else if i.export_price[t] > 0.0 {
+                -i.export_price[t] * (-net).min(i.export_limit_w) * dt_h / 1000.0
+            } else {
+                0.0
+            }
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests;
