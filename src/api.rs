@@ -12,12 +12,16 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::metrics::Metrics;
+use crate::planner::Plan;
 use crate::status::Status;
 
 /// The latest status and when the loop published it.
 #[derive(Clone)]
 pub struct Published {
     pub status: Arc<Status>,
+    pub plan: Option<Arc<Plan>>,
+    /// Whether the site has a planner at all.
+    pub planner: bool,
     pub at: Instant,
 }
 
@@ -34,6 +38,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/plan", get(plan))
         .fallback(not_found)
         .with_state(state)
 }
@@ -74,6 +79,23 @@ async fn status(State(s): State<AppState>) -> Response {
         None => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "no status yet: the first cycle is running",
+        ),
+    }
+}
+
+async fn plan(State(s): State<AppState>) -> Response {
+    let published = s.status.borrow().clone();
+    match published {
+        Some(p) if !p.planner => error(
+            StatusCode::NOT_FOUND,
+            "this site has no planner: add a `planner:` section to the site file",
+        ),
+        Some(Published {
+            plan: Some(plan), ..
+        }) => Json(plan.as_ref()).into_response(),
+        _ => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no plan yet: the planner has not produced one (see /api/v1/status)",
         ),
     }
 }

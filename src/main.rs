@@ -38,6 +38,34 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
+    /// Plan battery charge and discharge against the site's tariff and forecasts.
+    Plan {
+        file: PathBuf,
+        /// Import prices as CSV (`start,price` with a header row), instead of the site file's.
+        #[arg(long)]
+        prices: Option<String>,
+        /// Export prices as CSV.
+        #[arg(long)]
+        export_prices: Option<String>,
+        /// PV forecast as CSV (`start,watts`).
+        #[arg(long)]
+        pv: Option<String>,
+        /// Load forecast as CSV (`start,watts`).
+        #[arg(long)]
+        load: Option<String>,
+        /// Plan start, RFC 3339 (default: now).
+        #[arg(long)]
+        start: Option<String>,
+        /// Hours ahead (default: the site file's `planner.horizon_h`).
+        #[arg(long)]
+        horizon: Option<f64>,
+        /// State of charge to start from, % (default: `simulation.initial_soc_pct`).
+        #[arg(long)]
+        soc: Option<f64>,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a site's devices as simulated Modbus TCP slaves on loopback.
     Simulate {
         file: PathBuf,
@@ -51,6 +79,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Check { files } = &cli.command {
         return check(files);
+    }
+    if let Command::Plan { .. } = &cli.command {
+        return match plan(cli.command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ems: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -74,7 +111,7 @@ fn main() -> ExitCode {
                 listen,
             } => run(&file, simulate, listen).await,
             Command::Simulate { file, port_base } => simulate(&file, port_base).await,
-            Command::Check { .. } => Ok(()),
+            Command::Check { .. } | Command::Plan { .. } => Ok(()),
         }
     });
     match result {
@@ -110,7 +147,7 @@ fn check(files: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn load(file: &Path) -> Result<SiteConfig, String> {
+fn load_site(file: &Path) -> Result<SiteConfig, String> {
     SiteConfig::load(file).map_err(|e| format!("invalid site file\n{e}"))
 }
 
@@ -137,7 +174,7 @@ async fn shutdown_signal() {
 }
 
 async fn run(file: &Path, simulate: bool, listen: Option<String>) -> Result<(), String> {
-    let config = load(file)?;
+    let config = load_site(file)?;
     let listen = listen.unwrap_or_else(|| config.api.listen.clone());
     let (config, clock, _sim): (SiteConfig, Arc<dyn Clock>, Option<sim::Launched>) = if simulate {
         let launched = sim::launch(&config, None)
@@ -176,7 +213,7 @@ async fn run(file: &Path, simulate: bool, listen: Option<String>) -> Result<(), 
 }
 
 async fn simulate(file: &Path, port_base: Option<u16>) -> Result<(), String> {
-    let config = load(file)?;
+    let config = load_site(file)?;
     let launched = sim::launch(&config, port_base)
         .await
         .map_err(|e| format!("cannot start the simulated site: {e}"))?;
@@ -216,5 +253,98 @@ async fn simulate(file: &Path, port_base: Option<u16>) -> Result<(), String> {
         }
     }
     shutdown_signal().await;
+    Ok(())
+}
+
+fn plan(command: Command) -> Result<(), String> {
+    let Command::Plan {
+        file,
+        prices,
+        export_prices,
+        pv,
+        load,
+        start,
+        horizon,
+        soc,
+        json,
+    } = command
+    else {
+        return Ok(());
+    };
+    let config = load_site(&file)?;
+    let planner = config
+        .planner
+        .as_ref()
+        .ok_or("the site file has no `planner:` section (tariff and forecasts)")?;
+    let start = match start {
+        Some(s) => chrono::DateTime::parse_from_rfc3339(&s)
+            .map_err(|e| format!("--start `{s}` is not RFC 3339: {e}"))?
+            .with_timezone(&chrono::Utc),
+        None => chrono::Utc::now(),
+    };
+    let soc = soc.unwrap_or(config.simulation.initial_soc_pct);
+    if !(0.0..=100.0).contains(&soc) {
+        return Err(format!("--soc {soc} is outside 0–100"));
+    }
+    let overrides = site_ems::planner::inputs::Overrides {
+        import_csv: prices,
+        export_csv: export_prices,
+        pv_csv: pv,
+        load_csv: load,
+        horizon_h: horizon,
+    };
+    let inputs = site_ems::planner::inputs::from_config(
+        &config,
+        planner,
+        start,
+        &vec![soc; config.inverters.len()],
+        &overrides,
+    )?;
+    let plan = site_ems::planner::solve(&inputs).map_err(|e| e.to_string())?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    let tz: chrono_tz::Tz = config.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+    println!(
+        "{:<16} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>6}",
+        "start", "import", "export", "pv_w", "load_w", "grid_w", "battery_w", "soc_%"
+    );
+    let capacity: f64 = config.inverters.iter().map(|i| i.battery.capacity_wh).sum();
+    for s in &plan.steps {
+        let local = chrono::DateTime::parse_from_rfc3339(&s.start)
+            .map(|t| t.with_timezone(&tz).format("%a %d %H:%M").to_string())
+            .unwrap_or_else(|_| s.start.clone());
+        let battery: f64 = s.batteries.iter().map(|b| b.power_w).sum();
+        let soc: f64 = s
+            .batteries
+            .iter()
+            .zip(&config.inverters)
+            .map(|(b, i)| b.soc_pct * i.battery.capacity_wh)
+            .sum::<f64>()
+            / capacity.max(1.0);
+        println!(
+            "{local:<16} {:>7.3} {:>7.3} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>6.1}",
+            s.import_price, s.export_price, s.pv_w, s.load_w, s.grid_w, battery, soc
+        );
+    }
+    println!();
+    println!(
+        "cost {:.2}, without batteries {:.2}, saving {:.2}; solved in {:.1} ms",
+        plan.cost,
+        plan.baseline_cost,
+        plan.baseline_cost - plan.cost,
+        plan.solve_ms
+    );
+    println!(
+        "import prices: {}; export prices: {}; PV: {}; load: {}",
+        plan.sources.import_price, plan.sources.export_price, plan.sources.pv, plan.sources.load
+    );
+    for v in &plan.violations {
+        println!("SOC bound not kept: {v}");
+    }
     Ok(())
 }

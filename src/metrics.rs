@@ -45,6 +45,14 @@ pub struct Metrics {
     modbus_exceptions: IntCounterVec,
     modbus_latency: HistogramVec,
     cycle_duration: HistogramVec,
+    plan_solve: GaugeVec,
+    plan_objective: GaugeVec,
+    plan_cost: GaugeVec,
+    plan_baseline_cost: GaugeVec,
+    plan_age: GaugeVec,
+    plan_price: GaugeVec,
+    plan_battery: GaugeVec,
+    plan_failures: IntCounterVec,
     /// Label values set last cycle, so series that no longer apply are removed.
     last: Mutex<Last>,
 }
@@ -123,6 +131,14 @@ impl Metrics {
                 &[],
                 vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
             ),
+            plan_solve: gauge(&r, "ems_plan_solve_seconds", "Time the last successful plan took to solve.", &[]),
+            plan_objective: gauge(&r, "ems_plan_objective", "The LP objective of the plan in force (cost, cycling and SOC penalties, less the value of energy left).", &[]),
+            plan_cost: gauge(&r, "ems_plan_cost", "Energy cost of the plan in force over its horizon, in the tariff's currency.", &[]),
+            plan_baseline_cost: gauge(&r, "ems_plan_baseline_cost", "Energy cost over the same horizon without batteries.", &[]),
+            plan_age: gauge(&r, "ems_plan_age_seconds", "Seconds since the plan in force was made.", &[]),
+            plan_price: gauge(&r, "ems_plan_price_per_kwh", "Price of the plan's current step, by direction.", &["direction"]),
+            plan_battery: gauge(&r, "ems_plan_battery_power_watts", "Fleet battery power the plan's current step asks for, + discharge.", &[]),
+            plan_failures: counter(&r, "ems_plan_failures_total", "Plans that failed or timed out (self-consumption ran instead).", &[]),
             last: Mutex::new(Last::default()),
             registry: r,
         }
@@ -170,6 +186,16 @@ impl Metrics {
         self.modbus_errors
             .with_label_values(&[link, device, "decode"])
             .inc();
+    }
+
+    pub fn observe_plan_solve(&self, plan: &crate::planner::Plan) {
+        self.plan_solve
+            .with_label_values(NO_LABELS)
+            .set(plan.solve_ms / 1000.0);
+    }
+
+    pub fn count_plan_failure(&self) {
+        self.plan_failures.with_label_values(NO_LABELS).inc();
     }
 
     pub fn observe_cycle(&self, took: Duration) {
@@ -250,6 +276,17 @@ impl Metrics {
             }
             self.binding.with_label_values(&[now.as_str()]).set(1.0);
             last.binding = Some(now);
+        }
+        if let Some(p) = &s.plan {
+            // The failure counter is always shown, at zero on a healthy site.
+            self.plan_failures.with_label_values(NO_LABELS);
+            set_or_clear(&self.plan_objective, NO_LABELS, p.objective);
+            set_or_clear(&self.plan_cost, NO_LABELS, p.cost);
+            set_or_clear(&self.plan_baseline_cost, NO_LABELS, p.baseline_cost);
+            set_or_clear(&self.plan_age, NO_LABELS, p.age_s);
+            set_or_clear(&self.plan_price, &["import"], p.import_price);
+            set_or_clear(&self.plan_price, &["export"], p.export_price);
+            set_or_clear(&self.plan_battery, NO_LABELS, p.battery_w);
         }
         for (gauge, limit) in [
             (&self.export_limit, Some(&s.export_limit)),

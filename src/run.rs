@@ -20,8 +20,40 @@ use crate::control::{self, ControlParams, ControlState, Decision};
 use crate::drivers::saj;
 use crate::link::Link;
 use crate::metrics::Metrics;
+use crate::planner::Plan;
 use crate::poll::{InverterPoller, MeterPoller};
 use crate::status;
+
+/// The planner as the EMS runs it: re-planned every `replan_min` from measured SOC.
+struct Planner {
+    cfg: crate::config::PlannerConfig,
+    plan: Option<Arc<Plan>>,
+    planned_at: Option<Duration>,
+    attempted_at: Option<Duration>,
+    error: Option<String>,
+}
+
+impl Planner {
+    fn new(cfg: crate::config::PlannerConfig) -> Planner {
+        Planner {
+            cfg,
+            plan: None,
+            planned_at: None,
+            attempted_at: None,
+            error: None,
+        }
+    }
+
+    fn period(&self) -> Duration {
+        Duration::from_secs_f64(self.cfg.replan_min * 60.0)
+    }
+
+    /// The plan is fresh while it is younger than two re-plan periods.
+    fn fresh_plan(&self, now: Duration) -> Option<&Arc<Plan>> {
+        let age = now.saturating_sub(self.planned_at?);
+        (age <= self.period() * 2).then_some(self.plan.as_ref()?)
+    }
+}
 
 pub struct Ems {
     config: SiteConfig,
@@ -32,8 +64,9 @@ pub struct Ems {
     params: ControlParams,
     state: ControlState,
     decision: Option<Decision>,
-    /// Plan-mode targets per inverter, set by the planner.
+    /// Plan-mode targets per inverter, from the planner's current step.
     plan: Option<Vec<Option<f64>>>,
+    planner: Option<Planner>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     publish: watch::Sender<Option<Published>>,
@@ -97,6 +130,7 @@ impl Ems {
         };
         (
             Ems {
+                planner: config.planner.clone().map(Planner::new),
                 links: links.values().cloned().collect(),
                 params: ControlParams::from_config(&config),
                 config,
@@ -196,6 +230,92 @@ impl Ems {
         }
     }
 
+    /// Re-plan when the period is up (a failed attempt is retried after a minute), then take
+    /// the current step's targets for plan mode. No fresh plan: no targets, which means
+    /// self-consumption — never a stale setpoint held.
+    fn replan(&mut self, now: Duration) {
+        let Some(p) = self.planner.as_mut() else {
+            return;
+        };
+        let due = p
+            .planned_at
+            .is_none_or(|t| now.saturating_sub(t) >= p.period())
+            && p.attempted_at
+                .is_none_or(|t| now.saturating_sub(t) >= Duration::from_secs(60).min(p.period()));
+        if due {
+            p.attempted_at = Some(now);
+            let soc: Vec<f64> = self
+                .inverters
+                .iter()
+                .map(|i| {
+                    i.reading
+                        .as_ref()
+                        .map_or(i.cfg.battery.soc_min_pct, |r| r.soc_pct)
+                })
+                .collect();
+            let outcome = crate::planner::inputs::from_config(
+                &self.config,
+                &p.cfg,
+                self.clock.now(),
+                &soc,
+                &Default::default(),
+            )
+            .and_then(|inputs| crate::planner::solve(&inputs).map_err(|e| e.to_string()));
+            match outcome {
+                Ok(plan) => {
+                    self.metrics.observe_plan_solve(&plan);
+                    p.plan = Some(Arc::new(plan));
+                    p.planned_at = Some(now);
+                    p.error = None;
+                }
+                Err(e) => {
+                    tracing::warn!("planning failed, running self-consumption: {e}");
+                    self.metrics.count_plan_failure();
+                    p.error = Some(e);
+                }
+            }
+        }
+        let targets = match (self.config.working_mode.mode, p.fresh_plan(now)) {
+            (crate::config::WorkingMode::Plan, Some(plan)) => plan.targets_at(self.clock.now()),
+            _ => None,
+        };
+        self.plan = targets.map(|t| t.into_iter().map(Some).collect());
+    }
+
+    fn plan_status(&self, now: Duration) -> Option<status::PlanStatus> {
+        let p = self.planner.as_ref()?;
+        let fresh = p.fresh_plan(now);
+        let step = fresh.and_then(|plan| {
+            let t = self.clock.now();
+            let first = chrono::DateTime::parse_from_rfc3339(&plan.steps.first()?.start).ok()?;
+            let k = ((t - first.with_timezone(&chrono::Utc)).num_seconds() as f64 / plan.step_s)
+                .floor();
+            (k >= 0.0).then(|| plan.steps.get(k as usize)).flatten()
+        });
+        Some(status::PlanStatus {
+            age_s: p.planned_at.map(|t| now.saturating_sub(t).as_secs_f64()),
+            following: self.plan.is_some(),
+            cost: fresh.map(|x| x.cost),
+            baseline_cost: fresh.map(|x| x.baseline_cost),
+            objective: fresh.map(|x| x.objective),
+            solve_ms: fresh.map(|x| x.solve_ms),
+            violations: fresh.map_or(0, |x| x.violations.len()),
+            error: p
+                .error
+                .clone()
+                .or_else(|| fresh.is_none().then(|| "no fresh plan".to_string())),
+            import_price: step.map(|s| s.import_price),
+            export_price: step.map(|s| s.export_price),
+            battery_w: step.map(|s| s.batteries.iter().map(|b| b.power_w).sum()),
+        })
+    }
+
+    /// The plan in force, if fresh.
+    pub fn current_plan(&self) -> Option<Arc<Plan>> {
+        let now = self.clock.monotonic();
+        self.planner.as_ref()?.fresh_plan(now).cloned()
+    }
+
     /// Decide and write: every commanded unit in parallel (each on its own link task).
     async fn control(&mut self, now: Duration) {
         let snapshot = self.snapshot(now);
@@ -252,9 +372,10 @@ impl Ems {
         tokio::join!(meters, inverters);
 
         let now = self.clock.monotonic();
+        self.replan(now);
         self.control(now).await;
         self.cycle += 1;
-        let status = status::build(
+        let mut status = status::build(
             &self.config,
             &self.meters,
             &self.inverters,
@@ -263,9 +384,16 @@ impl Ems {
             self.clock.now(),
             self.cycle,
         );
+        status.plan = self.plan_status(now);
         self.metrics.observe(&status);
         self.metrics.observe_cycle(started.elapsed());
+        let plan = self
+            .planner
+            .as_ref()
+            .and_then(|p| p.fresh_plan(now).cloned());
         self.publish.send_replace(Some(Published {
+            plan,
+            planner: self.planner.is_some(),
             status: Arc::new(status),
             at: Instant::now(),
         }));

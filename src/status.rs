@@ -128,6 +128,25 @@ pub struct ControlStatus {
     pub predicted_grid_w: Vec<PhasePower>,
 }
 
+/// The planner's state, when the site has one.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PlanStatus {
+    pub age_s: Option<f64>,
+    /// The plan's battery targets are being followed (plan mode, plan fresh).
+    pub following: bool,
+    pub cost: Option<f64>,
+    pub baseline_cost: Option<f64>,
+    pub objective: Option<f64>,
+    pub solve_ms: Option<f64>,
+    pub violations: usize,
+    /// Why there is no fresh plan, if so; the guard then runs self-consumption.
+    pub error: Option<String>,
+    /// Current step: prices and the fleet's planned battery power (+ discharge).
+    pub import_price: Option<f64>,
+    pub export_price: Option<f64>,
+    pub battery_w: Option<f64>,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Status {
     pub site: String,
@@ -140,6 +159,7 @@ pub struct Status {
     pub import_limit: Option<LimitStatus>,
     pub grid: GridStatus,
     pub control: Option<ControlStatus>,
+    pub plan: Option<PlanStatus>,
     pub fleet: FleetStatus,
     pub inverters: Vec<InverterStatus>,
     pub meters: Vec<MeterStatus>,
@@ -339,6 +359,7 @@ pub fn build(
                 })
                 .collect(),
         }),
+        plan: None,
         fleet,
         inverters,
         meters,

@@ -110,6 +110,22 @@ fn load_source(
     ))
 }
 
+/// Import and export price per kWh at `t`, from the site file's sources (CSV files are
+/// read on each call: meant for reports and tests, not the control loop).
+pub fn prices_at(
+    c: &SiteConfig,
+    p: &PlannerConfig,
+    t: DateTime<Utc>,
+) -> Result<(f64, f64), String> {
+    let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+    let (imp, _) = price_source(&p.import_price, None)?;
+    let (exp, _) = price_source(&p.export_price, None)?;
+    Ok((
+        value_at(&imp, t, tz, "import price")?,
+        value_at(&exp, t, tz, "export price")?,
+    ))
+}
+
 /// The grid limit as a total over phases (the guard loop holds the per-phase limits).
 fn total_limit_w(
     c: &SiteConfig,

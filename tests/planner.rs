@@ -1,0 +1,232 @@
+//! The planner through its interfaces: `ems plan` (JSON contract, CSV inputs, errors),
+//! `GET /api/v1/plan`, and a simulated day on the demo site under the plan against the same
+//! day under self-consumption.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{fast_site, Harness};
+use serde_json::Value;
+use site_ems::config::WorkingMode;
+use site_ems::sim::lockstep::ClosedLoop;
+
+fn ems_plan(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ems"))
+        .arg("plan")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plan_json_follows_the_contract() {
+    let (ok, out, err) = ems_plan(&[
+        "sites/demo.yaml",
+        "--json",
+        "--start",
+        "2026-06-21T00:00:00Z",
+        "--horizon",
+        "24",
+    ]);
+    assert!(ok, "{err}");
+    let p: Value = serde_json::from_str(&out).unwrap();
+    for key in ["cost", "baseline_cost", "solve_ms"] {
+        assert!(p[key].is_number(), "{key}");
+    }
+    let steps = p["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 96, "24 h of 15-min steps");
+    assert_eq!(steps[0]["start"], "2026-06-21T00:00:00Z");
+    for s in steps {
+        for key in ["import_price", "export_price", "pv_w", "load_w", "grid_w"] {
+            assert!(s[key].is_number(), "{key}");
+        }
+        let b = s["batteries"].as_array().unwrap();
+        assert_eq!(b.len(), 10);
+        assert!(b
+            .iter()
+            .all(|b| b["id"].is_string() && b["power_w"].is_number() && b["soc_pct"].is_number()));
+        // The demo's export limit is 0 W.
+        assert!(s["grid_w"].as_f64().unwrap() >= -1.0);
+    }
+    assert!(p["cost"].as_f64().unwrap() < p["baseline_cost"].as_f64().unwrap());
+    // The text table says the same.
+    let (ok, text, _) = ems_plan(&[
+        "sites/demo.yaml",
+        "--start",
+        "2026-06-21T00:00:00Z",
+        "--horizon",
+        "6",
+    ]);
+    assert!(ok);
+    assert!(
+        text.contains("import") && text.contains("without batteries"),
+        "{text}"
+    );
+}
+
+#[test]
+fn plan_reads_csv_prices_and_forecasts_including_negative_prices() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, f: &dyn Fn(u32) -> f64| {
+        let mut text = String::from("start,value\n");
+        for h in 0..24 {
+            text += &format!("2026-03-01T{h:02}:00:00Z,{}\n", f(h));
+        }
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let prices = write("prices.csv", &|h| {
+        if (11..14).contains(&h) {
+            -0.05
+        } else {
+            0.30
+        }
+    });
+    let pv = write("pv.csv", &|h| {
+        if (8..17).contains(&h) {
+            70_000.0
+        } else {
+            0.0
+        }
+    });
+    let load = write("load.csv", &|_| 20_000.0);
+    let (ok, out, err) = ems_plan(&[
+        "sites/demo.yaml",
+        "--json",
+        "--prices",
+        &prices,
+        "--pv",
+        &pv,
+        "--load",
+        &load,
+        "--start",
+        "2026-03-01T00:00:00Z",
+        "--horizon",
+        "24",
+        "--soc",
+        "20",
+    ]);
+    assert!(ok, "{err}");
+    let p: Value = serde_json::from_str(&out).unwrap();
+    assert!(p["sources"]["import_price"]
+        .as_str()
+        .unwrap()
+        .contains("prices.csv"));
+    assert!(p["sources"]["pv"].as_str().unwrap().contains("pv.csv"));
+    let steps = p["steps"].as_array().unwrap();
+    // Hourly CSV values hold for their four 15-min steps.
+    assert_eq!(steps[45]["import_price"], -0.05);
+    assert_eq!(steps[45]["pv_w"], 70_000.0);
+    // Paid to import: the batteries charge.
+    let charging: f64 = steps[44..56]
+        .iter()
+        .flat_map(|s| {
+            s["batteries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["power_w"].as_f64().unwrap())
+        })
+        .sum();
+    assert!(charging < -1000.0, "{charging}");
+
+    // A bad row is reported with its file and line.
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "start,value\n2026-03-01T00:00:00Z,0.1\nyesterday,0.2\n",
+    )
+    .unwrap();
+    let (ok, _, err) = ems_plan(&["sites/demo.yaml", "--prices", &bad.display().to_string()]);
+    assert!(!ok);
+    assert!(
+        err.contains("bad.csv:3: start `yesterday` is not RFC 3339"),
+        "{err}"
+    );
+    // A site without a planner says so.
+    let (ok, _, err) = ems_plan(&["sites/home-1ph.yaml"]);
+    assert!(!ok && err.contains("no `planner:` section"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_api_serves_the_current_plan() {
+    let h = Harness::start(fast_site("sites/demo.yaml")).await;
+    h.wait_for(Duration::from_secs(10), "a plan", |s| {
+        s["plan"]["cost"].is_number()
+    })
+    .await;
+    let r = h
+        .client
+        .get(format!("{}/api/v1/plan", h.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["steps"].as_array().unwrap().len(), 96);
+    h.stop().await;
+
+    let h = Harness::start(fast_site("sites/home-1ph.yaml")).await;
+    h.wait_for(Duration::from_secs(10), "a status", |_| true)
+        .await;
+    let r = h
+        .client
+        .get(format!("{}/api/v1/plan", h.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("no planner"));
+    h.stop().await;
+}
+
+/// One simulated day on the demo site; returns what the grid meter's flows cost.
+async fn day_cost(mode: WorkingMode) -> f64 {
+    let mut c = fast_site("sites/demo.yaml");
+    c.control.cycle_ms = 5000;
+    c.control.stale_after_s = 15.0;
+    c.simulation.start = Some("2026-06-21T00:00".into());
+    c.simulation.load_noise_pct = 0.0;
+    c.working_mode.mode = mode;
+    let planner = c.planner.clone().unwrap();
+    let site = c.clone();
+    let mut l = ClosedLoop::start(c).await.unwrap();
+    let mut cost = 0.0;
+    let dt_h = site_ems::sim::lockstep::TICK_S / 3600.0;
+    for _ in 0..(86_400.0 / site_ems::sim::lockstep::TICK_S) as usize {
+        l.tick().await;
+        let (now, grid): (chrono::DateTime<chrono::Utc>, f64) =
+            l.sim.with_model(|m| (m.now, m.truth.grid_w.iter().sum()));
+        let (import, export) = site_ems::planner::inputs::prices_at(&site, &planner, now).unwrap();
+        cost += if grid >= 0.0 {
+            import * grid
+        } else {
+            export * grid
+        } * dt_h
+            / 1000.0;
+    }
+    cost
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_under_the_plan_costs_less_than_self_consumption() {
+    let self_use = day_cost(WorkingMode::SelfConsumption).await;
+    let planned = day_cost(WorkingMode::Plan).await;
+    println!("simulated day on the demo site: self-consumption {self_use:.2}, plan {planned:.2}, saving {:.2} ({:.1} %)",
+        self_use - planned, (self_use - planned) / self_use * 100.0);
+    // The plan buys the cheap night rate and covers the evening peak; self-consumption only
+    // stores the midday surplus.
+    assert!(
+        planned < self_use - 5.0,
+        "plan {planned:.2} vs self-consumption {self_use:.2}"
+    );
+}
