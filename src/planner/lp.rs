@@ -7,6 +7,10 @@ use good_lp::{variable, variables, Expression, ResolutionError, Solution, Solver
 
 use super::{baseline_cost, BatteryStep, Plan, PlanError, PlanInputs, PlanStep};
 
+/// The LP works in kW and kWh: watts against prices per kWh spread the coefficients over
+/// nine orders of magnitude, which an interior-point solver resolves poorly.
+const K: f64 = 1000.0;
+
 /// Batteries with the same efficiencies, solved as one.
 struct Group {
     members: Vec<usize>,
@@ -97,15 +101,15 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
     let mean_import = i.import_price.iter().sum::<f64>() / n as f64;
 
     let mut vars = variables!();
-    let import_cap = i.import_limit_w.unwrap_or(f64::INFINITY);
+    let import_cap = i.import_limit_w.map_or(f64::INFINITY, |w| w / K);
     let imp: Vec<Variable> = (0..n)
         .map(|_| vars.add(variable().min(0.0).max(import_cap)))
         .collect();
     let exp: Vec<Variable> = (0..n)
-        .map(|_| vars.add(variable().min(0.0).max(i.export_limit_w.max(0.0))))
+        .map(|_| vars.add(variable().min(0.0).max(i.export_limit_w.max(0.0) / K)))
         .collect();
     let cur: Vec<Variable> = (0..n)
-        .map(|t| vars.add(variable().min(0.0).max(i.pv_w[t])))
+        .map(|t| vars.add(variable().min(0.0).max(i.pv_w[t] / K)))
         .collect();
     let mut c = Vec::new();
     let mut d = Vec::new();
@@ -115,17 +119,17 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
     for g in &gs {
         c.push(
             (0..n)
-                .map(|_| vars.add(variable().min(0.0).max(g.max_c)))
+                .map(|_| vars.add(variable().min(0.0).max(g.max_c / K)))
                 .collect::<Vec<_>>(),
         );
         d.push(
             (0..n)
-                .map(|_| vars.add(variable().min(0.0).max(g.max_d)))
+                .map(|_| vars.add(variable().min(0.0).max(g.max_d / K)))
                 .collect::<Vec<_>>(),
         );
         e.push(
             (0..n)
-                .map(|_| vars.add(variable().min(0.0).max(g.cap_wh)))
+                .map(|_| vars.add(variable().min(0.0).max(g.cap_wh / K)))
                 .collect::<Vec<_>>(),
         );
         slack_lo.push(
@@ -144,16 +148,16 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
     for t in 0..n {
         // Exporting is never worth more than importing: no buying to sell in the same step.
         let export_price = i.export_price[t].min(i.import_price[t]);
-        objective += (i.import_price[t] * dt_h / 1000.0) * imp[t];
-        objective -= (export_price * dt_h / 1000.0) * exp[t];
+        objective += (i.import_price[t] * dt_h) * imp[t];
+        objective -= (export_price * dt_h) * exp[t];
     }
     for (k, g) in gs.iter().enumerate() {
         let terminal = i.terminal_value_per_kwh.unwrap_or(mean_import * g.eta_d);
         for t in 0..n {
-            objective += (i.cycling_cost_per_kwh * dt_h / 1000.0) * (c[k][t] + d[k][t]);
-            objective += (i.soc_penalty_per_kwh / 1000.0) * (slack_lo[k][t] + slack_hi[k][t]);
+            objective += (i.cycling_cost_per_kwh * dt_h) * (c[k][t] + d[k][t]);
+            objective += i.soc_penalty_per_kwh * (slack_lo[k][t] + slack_hi[k][t]);
         }
-        objective -= (terminal / 1000.0) * e[k][n - 1];
+        objective -= terminal * e[k][n - 1];
     }
 
     let mut problem = vars.minimise(objective.clone()).using(clarabel);
@@ -163,20 +167,21 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
         for k in 0..gs.len() {
             battery += c[k][t] - d[k][t];
         }
-        problem = problem.with((imp[t] - exp[t]).eq(i.load_w[t] - i.pv_w[t] + cur[t] + battery));
+        problem =
+            problem.with((imp[t] - exp[t]).eq((i.load_w[t] - i.pv_w[t]) / K + cur[t] + battery));
     }
     for (k, g) in gs.iter().enumerate() {
         for t in 0..n {
             let before: Expression = if t == 0 {
-                Expression::from(g.e0)
+                Expression::from(g.e0 / K)
             } else {
                 e[k][t - 1].into()
             };
             let flow = (g.eta_c * dt_h) * c[k][t] - (dt_h / g.eta_d) * d[k][t];
             problem = problem
                 .with((e[k][t] - before - flow).eq(0.0))
-                .with((e[k][t] + slack_lo[k][t]).geq(g.e_min))
-                .with((e[k][t] - slack_hi[k][t]).leq(g.e_max));
+                .with((e[k][t] + slack_lo[k][t]).geq(g.e_min / K))
+                .with((e[k][t] - slack_hi[k][t]).leq(g.e_max / K));
         }
     }
 
@@ -201,7 +206,7 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
             .map(|&b| i.batteries[b].capacity_wh * i.batteries[b].soc_pct / 100.0)
             .collect();
         for t in 0..n {
-            let net = solution.value(d[k][t]) - solution.value(c[k][t]);
+            let net = (solution.value(d[k][t]) - solution.value(c[k][t])) * K;
             let rooms: Vec<f64> = g
                 .members
                 .iter()
@@ -236,8 +241,8 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
                 power[b][t] = share;
                 soc[b][t] = energy[m] / i.batteries[b].capacity_wh.max(1e-9) * 100.0;
             }
-            let lo = solution.value(slack_lo[k][t]);
-            let hi = solution.value(slack_hi[k][t]);
+            let lo = solution.value(slack_lo[k][t]) * K;
+            let hi = solution.value(slack_hi[k][t]) * K;
             if (lo > 1.0 || hi > 1.0) && violations.len() < 20 {
                 violations.push(format!(
                     "step {t}: batteries {} {:.0} Wh {} their SOC bounds",
@@ -256,11 +261,9 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
     let mut cost = 0.0;
     let steps = (0..n)
         .map(|t| {
-            let grid = solution.value(imp[t]) - solution.value(exp[t]);
-            cost += (i.import_price[t] * solution.value(imp[t])
-                - i.export_price[t] * solution.value(exp[t]))
-                * dt_h
-                / 1000.0;
+            let (import, export) = (solution.value(imp[t]) * K, solution.value(exp[t]) * K);
+            let grid = import - export;
+            cost += (i.import_price[t] * import - i.export_price[t] * export) * dt_h / 1000.0;
             PlanStep {
                 start: (i.start + chrono::Duration::seconds((t as f64 * i.step_s) as i64))
                     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -269,7 +272,7 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
                 pv_w: i.pv_w[t],
                 load_w: i.load_w[t],
                 grid_w: grid,
-                curtailed_w: solution.value(cur[t]),
+                curtailed_w: solution.value(cur[t]) * K,
                 batteries: (0..nb)
                     .map(|b| BatteryStep {
                         id: i.batteries[b].id.clone(),

@@ -1,0 +1,191 @@
+//! Planner benchmark: solve time and objective of the EMS's LP for 1 battery × 96 steps,
+//! 10 × 96 and 10 × 672 (a week at 15 min), next to the same LP built per battery with PuLP
+//! and solved with CBC (Python; a virtualenv under `target/bench/` gets PuLP from the
+//! package registry on first run).
+//!
+//! `cargo bench --bench planner` prints both objectives and both times and writes
+//! `target/bench/planner.json` (or `BENCH_OUT`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use chrono::{TimeZone, Utc};
+use serde_json::json;
+use site_ems::planner::{solve, Battery, PlanInputs, Sources};
+
+/// A site with a night rate, an evening peak, clear-sky PV and a daily load shape; the
+/// batteries share one efficiency, one C-rate and one SOC, so they aggregate exactly.
+fn inputs(batteries: usize, steps: usize) -> PlanInputs {
+    let start = Utc.with_ymd_and_hms(2026, 6, 21, 0, 0, 0).unwrap();
+    let step_s = 900.0;
+    let mut i = PlanInputs {
+        start,
+        step_s,
+        import_price: Vec::new(),
+        export_price: Vec::new(),
+        pv_w: Vec::new(),
+        load_w: Vec::new(),
+        batteries: (0..batteries)
+            .map(|k| {
+                let capacity = 10_000.0 + 1000.0 * k as f64;
+                Battery {
+                    id: format!("b{k}"),
+                    capacity_wh: capacity,
+                    max_charge_w: capacity * 0.5,
+                    max_discharge_w: capacity * 0.5,
+                    charge_efficiency: 0.95,
+                    discharge_efficiency: 0.95,
+                    soc_min_pct: 10.0,
+                    soc_max_pct: 100.0,
+                    soc_pct: 40.0,
+                }
+            })
+            .collect(),
+        export_limit_w: 5000.0 * batteries as f64,
+        import_limit_w: Some(8000.0 * batteries as f64),
+        reserve_pct: 0.0,
+        cycling_cost_per_kwh: 0.005,
+        soc_penalty_per_kwh: 10.0,
+        terminal_value_per_kwh: None,
+        time_limit_s: 30.0,
+        sources: Sources {
+            import_price: "bench".into(),
+            export_price: "bench".into(),
+            pv: "bench".into(),
+            load: "bench".into(),
+        },
+    };
+    for k in 0..steps {
+        let t = start + chrono::Duration::seconds((k as f64 * step_s) as i64);
+        let h = (k as f64 * step_s / 3600.0) % 24.0;
+        let day = (k as f64 * step_s / 86_400.0).floor();
+        let price = if (0.5..4.5).contains(&h) {
+            0.08
+        } else if (16.0..19.0).contains(&h) {
+            0.40 + 0.02 * day
+        } else {
+            0.28
+        };
+        i.import_price.push(price);
+        i.export_price
+            .push(if (11.0..14.0).contains(&h) && day as i64 % 3 == 2 {
+                -0.02
+            } else {
+                0.12
+            });
+        i.pv_w.push(
+            6000.0
+                * batteries as f64
+                * site_ems::solar::clear_sky(t.naive_utc())
+                * (1.0 - 0.3 * (day % 2.0)),
+        );
+        i.load_w
+            .push(batteries as f64 * (1500.0 + 2500.0 * (-((h - 19.0) / 2.0).powi(2)).exp()));
+    }
+    i
+}
+
+fn to_json(i: &PlanInputs) -> serde_json::Value {
+    json!({
+        "step_s": i.step_s,
+        "import_price": i.import_price,
+        "export_price": i.export_price,
+        "pv_w": i.pv_w,
+        "load_w": i.load_w,
+        "batteries": i.batteries,
+        "export_limit_w": i.export_limit_w,
+        "import_limit_w": i.import_limit_w,
+        "reserve_pct": i.reserve_pct,
+        "cycling_cost_per_kwh": i.cycling_cost_per_kwh,
+        "soc_penalty_per_kwh": i.soc_penalty_per_kwh,
+        "terminal_value_per_kwh": i.terminal_value_per_kwh,
+    })
+}
+
+/// A Python with PuLP, made on first use.
+fn pulp_python(dir: &Path) -> Option<PathBuf> {
+    let python = dir.join("pulp-venv/bin/python");
+    let has_pulp = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import pulp"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if python.exists() && has_pulp(&python) {
+        return Some(python);
+    }
+    let venv = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(dir.join("pulp-venv"))
+        .status();
+    if !venv.is_ok_and(|s| s.success()) {
+        return None;
+    }
+    let pip = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", "pulp"])
+        .status();
+    (pip.is_ok_and(|s| s.success()) && has_pulp(&python)).then_some(python)
+}
+
+fn main() {
+    let out_dir = PathBuf::from("target/bench");
+    let _ = std::fs::create_dir_all(&out_dir);
+    let python = pulp_python(&out_dir);
+    if python.is_none() {
+        eprintln!("PuLP unavailable (python3 -m venv / pip install pulp failed): EMS figures only");
+    }
+    let mut results = Vec::new();
+    println!("planner LP: EMS (good_lp + Clarabel, aggregated fleet) vs PuLP + CBC (per battery)");
+    for (b, n) in [(1, 96), (10, 96), (10, 672)] {
+        let i = inputs(b, n);
+        let runs = if n > 96 { 5 } else { 20 };
+        let mut times = Vec::new();
+        let mut objective = 0.0;
+        for _ in 0..runs {
+            let t = Instant::now();
+            let plan = solve(&i).expect("plan");
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            objective = plan.objective;
+        }
+        times.sort_by(f64::total_cmp);
+        let ems_ms = times[times.len() / 2];
+        let input_path = out_dir.join(format!("planner-inputs-{b}x{n}.json"));
+        let _ = std::fs::write(&input_path, to_json(&i).to_string());
+        let pulp = python.as_ref().and_then(|py| {
+            let out = Command::new(py)
+                .arg("benches/pulp_plan.py")
+                .arg(&input_path)
+                .output()
+                .ok()?;
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
+        });
+        let pulp_objective = pulp.as_ref().and_then(|p| p["objective"].as_f64());
+        let diff_pct = pulp_objective.map(|p| (objective - p).abs() / p.abs().max(1e-9) * 100.0);
+        println!(
+            "  {b:>2} × {n:>3}: EMS {ems_ms:>8.2} ms, objective {objective:.6} | PuLP+CBC {} s (wall {} s), objective {} | difference {}",
+            pulp.as_ref().and_then(|p| p["solve_s"].as_f64()).map_or("-".into(), |s| format!("{s:.3}")),
+            pulp.as_ref().and_then(|p| p["wall_s"].as_f64()).map_or("-".into(), |s| format!("{s:.3}")),
+            pulp_objective.map_or("-".into(), |o| format!("{o:.6}")),
+            diff_pct.map_or("-".into(), |d| format!("{d:.5} %")),
+        );
+        results.push(json!({
+            "batteries": b,
+            "steps": n,
+            "ems_solve_ms_median": ems_ms,
+            "ems_objective": objective,
+            "pulp": pulp,
+            "objective_difference_pct": diff_pct,
+        }));
+    }
+    let out = std::env::var_os("BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| out_dir.join("planner.json"));
+    match std::fs::write(
+        &out,
+        serde_json::to_string_pretty(&json!({ "planner": results })).unwrap_or_default(),
+    ) {
+        Ok(()) => println!("wrote {}", out.display()),
+        Err(e) => eprintln!("could not write {}: {e}", out.display()),
+    }
+}
