@@ -2,8 +2,24 @@
 
 use std::time::Instant;
 
-use good_lp::solvers::clarabel::clarabel;
 use good_lp::{variable, variables, Expression, ResolutionError, Solution, SolverModel, Variable};
+
+#[cfg(not(feature = "solver-clarabel"))]
+compile_error!("the planner needs an LP solver: enable the `solver-clarabel` feature");
+
+/// The solver behind the planner, chosen by Cargo feature, with its time limit set.
+#[cfg(feature = "solver-clarabel")]
+fn solver(
+    vars: good_lp::ProblemVariables,
+    objective: Expression,
+    time_limit_s: f64,
+) -> good_lp::solvers::clarabel::ClarabelProblem {
+    let mut problem = vars
+        .minimise(objective)
+        .using(good_lp::solvers::clarabel::clarabel);
+    problem.settings().time_limit(time_limit_s);
+    problem
+}
 
 use super::{baseline_cost, BatteryStep, Plan, PlanError, PlanInputs, PlanStep};
 
@@ -160,8 +176,7 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
         objective -= terminal * e[k][n - 1];
     }
 
-    let mut problem = vars.minimise(objective.clone()).using(clarabel);
-    problem.settings().time_limit(i.time_limit_s);
+    let mut problem = solver(vars, objective.clone(), i.time_limit_s);
     for t in 0..n {
         let mut battery = Expression::from(0.0);
         for k in 0..gs.len() {
