@@ -17,3 +17,4 @@ pub mod run;
 pub mod sim;
 pub mod solar;
 pub mod status;
+pub mod store;

@@ -293,12 +293,20 @@ fn plan(command: Command) -> Result<(), String> {
         load_csv: load,
         horizon_h: horizon,
     };
+    let store = match &config.store {
+        Some(s) => Some(
+            site_ems::store::Store::open(Path::new(&s.path))
+                .map_err(|e| format!("cannot open the store {}: {e}", s.path))?,
+        ),
+        None => None,
+    };
     let inputs = site_ems::planner::inputs::from_config(
         &config,
         planner,
         start,
         &vec![soc; config.inverters.len()],
         &overrides,
+        store.as_ref(),
     )?;
     let plan = site_ems::planner::solve(&inputs).map_err(|e| e.to_string())?;
     if json {

@@ -67,6 +67,7 @@ pub struct Ems {
     /// Plan-mode targets per inverter, from the planner's current step.
     plan: Option<Vec<Option<f64>>>,
     planner: Option<Planner>,
+    store: Option<crate::store::Store>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     publish: watch::Sender<Option<Published>>,
@@ -130,6 +131,16 @@ impl Ems {
         };
         (
             Ems {
+                store: config.store.as_ref().and_then(|s| {
+                    crate::store::Store::open(std::path::Path::new(&s.path))
+                        .map_err(|e| {
+                            tracing::error!(
+                                "cannot open the store {}: {e}; running without history",
+                                s.path
+                            )
+                        })
+                        .ok()
+                }),
                 planner: config.planner.clone().map(Planner::new),
                 links: links.values().cloned().collect(),
                 params: ControlParams::from_config(&config),
@@ -259,6 +270,7 @@ impl Ems {
                 self.clock.now(),
                 &soc,
                 &Default::default(),
+                self.store.as_ref(),
             )
             .and_then(|inputs| crate::planner::solve(&inputs).map_err(|e| e.to_string()));
             match outcome {
@@ -308,6 +320,27 @@ impl Ems {
             export_price: step.map(|s| s.export_price),
             battery_w: step.map(|s| s.batteries.iter().map(|b| b.power_w).sum()),
         })
+    }
+
+    /// One row a minute for the history: site load, PV and grid, while the grid meter is fresh.
+    fn record_history(&mut self, s: &status::Status) {
+        let Some(store) = self.store.as_mut() else {
+            return;
+        };
+        let Some(grid) = s.grid.power_w else {
+            return;
+        };
+        let pv_meter: f64 = s
+            .meters
+            .iter()
+            .filter(|m| m.role == MeterRole::Pv.as_str())
+            .filter_map(|m| m.power_w)
+            .sum();
+        let load = grid + s.fleet.ac_power_w + pv_meter;
+        let pv = s.fleet.pv_power_w + pv_meter;
+        if let Err(e) = store.record(self.clock.now(), load.max(0.0), pv.max(0.0), grid) {
+            tracing::warn!("history not written: {e}");
+        }
     }
 
     /// The plan in force, if fresh.
@@ -385,6 +418,7 @@ impl Ems {
             self.cycle,
         );
         status.plan = self.plan_status(now);
+        self.record_history(&status);
         self.metrics.observe(&status);
         self.metrics.observe_cycle(started.elapsed());
         let plan = self

@@ -230,3 +230,109 @@ async fn a_day_under_the_plan_costs_less_than_self_consumption() {
         "plan {planned:.2} vs self-consumption {self_use:.2}"
     );
 }
+
+#[test]
+fn history_forecast_averages_the_same_weekday_over_recent_weeks() {
+    use chrono::TimeZone;
+    use site_ems::store::{Sample, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.sqlite");
+    let store = Store::open(&path).unwrap();
+    let start = chrono::Utc.with_ymd_and_hms(2026, 6, 22, 0, 0, 0).unwrap();
+    // Four weeks of minutes before the start: week w (1 = last week) at hour h has load
+    // 1000·w + 10·h; the days between are noise the forecast must not pick up.
+    for w in 1..=4i64 {
+        for m in 0..(24 * 60) {
+            let minute = start - chrono::Duration::weeks(w) + chrono::Duration::minutes(m);
+            let h = m / 60;
+            store
+                .insert(Sample {
+                    minute,
+                    load_w: (1000 * w + 10 * h) as f64,
+                    pv_w: 0.0,
+                    grid_w: 0.0,
+                })
+                .unwrap();
+            let other_day = minute + chrono::Duration::days(1);
+            store
+                .insert(Sample {
+                    minute: other_day,
+                    load_w: 99_999.0,
+                    pv_w: 0.0,
+                    grid_w: 0.0,
+                })
+                .unwrap();
+        }
+    }
+    let mut c =
+        site_ems::config::SiteConfig::load(std::path::Path::new("sites/demo.yaml")).unwrap();
+    c.store = Some(site_ems::config::StoreConfig {
+        path: path.display().to_string(),
+    });
+    let mut p = c.planner.clone().unwrap();
+    p.load_forecast.history_weeks = Some(4);
+    p.load_forecast.profile_w = None;
+    let i = site_ems::planner::inputs::from_config(
+        &c,
+        &p,
+        start,
+        &[50.0; 10],
+        &Default::default(),
+        Some(&store),
+    )
+    .unwrap();
+    // Mean over the four weeks: 2500 + 10·h, for every 15-min step of day h.
+    for (k, load) in i.load_w.iter().enumerate() {
+        let h = (k / 4) as f64;
+        assert!(
+            (load - (2500.0 + 10.0 * h)).abs() < 1e-6,
+            "step {k}: {load}"
+        );
+    }
+    assert!(
+        i.sources.load.contains("recorded history"),
+        "{}",
+        i.sources.load
+    );
+    // Without history for a step and no profile to fall back on, the planner says why.
+    let later = start + chrono::Duration::days(3);
+    let e = site_ems::planner::inputs::from_config(
+        &c,
+        &p,
+        later,
+        &[50.0; 10],
+        &Default::default(),
+        Some(&store),
+    )
+    .unwrap_err();
+    assert!(e.contains("no recorded load"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ems_records_site_history_as_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ems.sqlite");
+    let mut c = fast_site("sites/demo.yaml");
+    c.control.cycle_ms = 1000;
+    c.store = Some(site_ems::config::StoreConfig {
+        path: path.display().to_string(),
+    });
+    let mut l = ClosedLoop::start(c).await.unwrap();
+    l.run(185.0, |_, _| {}).await;
+    let store = site_ems::store::Store::open(&path).unwrap();
+    let rows = store.count().unwrap();
+    assert!((2..=4).contains(&rows), "one row a minute: {rows}");
+    // The recorded load is the simulator's: grid + inverters (no PV meter on the demo).
+    let truth: f64 = l.sim.with_model(|m| m.truth.load_w.iter().sum());
+    let start =
+        l.sim.with_model(|m| m.now) - chrono::Duration::minutes(2) - chrono::Duration::seconds(5);
+    let (mean, n) = store
+        .load_history(start + chrono::Duration::weeks(1), 60, 1)
+        .unwrap();
+    assert!(n == 1, "{n}");
+    let mean = mean.unwrap();
+    assert!(
+        (mean - truth).abs() / truth < 0.05,
+        "recorded {mean} vs simulated {truth}"
+    );
+}

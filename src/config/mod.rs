@@ -36,6 +36,9 @@ pub struct SiteConfig {
     /// self-consumption).
     #[serde(default)]
     pub planner: Option<PlannerConfig>,
+    /// Embedded SQLite store for the site's history; none when absent.
+    #[serde(default)]
+    pub store: Option<StoreConfig>,
     #[serde(default)]
     pub simulation: SimulationConfig,
 }
@@ -87,11 +90,22 @@ pub struct PvForecastConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoadForecastConfig {
-    /// 24 hourly values (W) for a typical day.
+    /// 24 hourly values (W) for a typical day; with `history_weeks`, used where the history
+    /// has no samples.
     #[serde(default)]
     pub profile_w: Option<Vec<f64>>,
     #[serde(default)]
     pub csv: Option<String>,
+    /// Forecast from the store: the same weekday and time over the last N weeks.
+    #[serde(default)]
+    pub history_weeks: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite file; created if missing.
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

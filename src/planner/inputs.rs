@@ -12,6 +12,7 @@ use crate::config::{
     SiteConfig,
 };
 use crate::solar::clear_sky;
+use crate::store::Store;
 
 /// Files given on the command line instead of the site file's sources.
 #[derive(Debug, Clone, Default)]
@@ -93,20 +94,34 @@ fn pv_source(
     ))
 }
 
-fn load_source(
+enum LoadSource<'a> {
+    Csv(Series),
+    Profile(Vec<f64>),
+    History {
+        store: &'a Store,
+        weeks: u32,
+        fallback: Option<Vec<f64>>,
+    },
+}
+
+fn load_source<'a>(
     l: &LoadForecastConfig,
     csv_override: Option<&String>,
-) -> Result<(Option<Series>, Vec<f64>, String), String> {
+    store: Option<&'a Store>,
+) -> Result<LoadSource<'a>, String> {
     if let Some(path) = csv_override.or(l.csv.as_ref()) {
-        let s = Series::read_csv(path)?;
-        let name = s.source.clone();
-        return Ok((Some(s), Vec::new(), name));
+        return Ok(LoadSource::Csv(Series::read_csv(path)?));
     }
-    let profile = l.profile_w.clone().unwrap_or_else(|| vec![0.0; 24]);
-    Ok((
-        None,
-        profile,
-        "daily profile in the site file (24 hourly values)".into(),
+    if let Some(weeks) = l.history_weeks {
+        let store = store.ok_or("the load forecast needs the store (`store:` in the site file)")?;
+        return Ok(LoadSource::History {
+            store,
+            weeks,
+            fallback: l.profile_w.clone(),
+        });
+    }
+    Ok(LoadSource::Profile(
+        l.profile_w.clone().unwrap_or_else(|| vec![0.0; 24]),
     ))
 }
 
@@ -149,6 +164,7 @@ pub fn from_config(
     start: DateTime<Utc>,
     soc_pct: &[f64],
     o: &Overrides,
+    store: Option<&Store>,
 ) -> Result<PlanInputs, String> {
     let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
     let step_s = f64::from(p.step_min) * 60.0;
@@ -161,7 +177,8 @@ pub fn from_config(
     let (imp, imp_src) = price_source(&p.import_price, o.import_csv.as_ref())?;
     let (exp, exp_src) = price_source(&p.export_price, o.export_csv.as_ref())?;
     let (pv_csv, pv_peak, pv_src) = pv_source(&p.pv_forecast, o.pv_csv.as_ref())?;
-    let (load_csv, profile, load_src) = load_source(&p.load_forecast, o.load_csv.as_ref())?;
+    let load = load_source(&p.load_forecast, o.load_csv.as_ref(), store)?;
+    let (mut from_history, mut history_samples, mut from_fallback) = (0usize, 0u32, 0usize);
 
     let mut inputs = PlanInputs {
         start,
@@ -193,7 +210,7 @@ pub fn from_config(
             import_price: imp_src,
             export_price: exp_src,
             pv: pv_src,
-            load: load_src,
+            load: String::new(),
         },
     };
     for k in 0..n {
@@ -212,14 +229,43 @@ pub fn from_config(
                 .max(0.0),
             None => pv_peak * clear_sky(local + chrono::Duration::seconds((step_s / 2.0) as i64)),
         });
-        inputs.load_w.push(match &load_csv {
-            Some(s) => s
+        inputs.load_w.push(match &load {
+            LoadSource::Csv(s) => s
                 .at(t)
                 .ok_or_else(|| format!("{}: no load value for {}", s.source, t.to_rfc3339()))?
                 .max(0.0),
-            None => profile.get(local.hour() as usize).copied().unwrap_or(0.0),
+            LoadSource::Profile(profile) => profile.get(local.hour() as usize).copied().unwrap_or(0.0),
+            LoadSource::History { store, weeks, fallback } => {
+                let (mean, samples) = store
+                    .load_history(t, step_s as i64, *weeks)
+                    .map_err(|e| format!("store: {e}"))?;
+                match (mean, fallback) {
+                    (Some(v), _) => {
+                        from_history += 1;
+                        history_samples += samples;
+                        v
+                    }
+                    (None, Some(profile)) => {
+                        from_fallback += 1;
+                        profile.get(local.hour() as usize).copied().unwrap_or(0.0)
+                    }
+                    (None, None) => {
+                        return Err(format!(
+                            "no recorded load for {} on the last {weeks} weeks; give `profile_w` as a fallback",
+                            t.to_rfc3339()
+                        ))
+                    }
+                }
+            }
         });
     }
+    inputs.sources.load = match &load {
+        LoadSource::Csv(s) => s.source.clone(),
+        LoadSource::Profile(_) => "daily profile in the site file (24 hourly values)".into(),
+        LoadSource::History { weeks, .. } => format!(
+            "recorded history: same weekday and time over the last {weeks} weeks ({from_history} steps from {history_samples} samples, {from_fallback} steps from the profile)"
+        ),
+    };
     for (k, inv) in c.inverters.iter().enumerate() {
         let b = &inv.battery;
         inputs.batteries.push(Battery {
