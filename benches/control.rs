@@ -74,6 +74,7 @@ fn decision_only(iterations: usize) -> serde_json::Value {
             })
             .collect(),
         plan: None,
+        dr: Default::default(),
     };
     let state = ControlState::default();
     let t = Instant::now();

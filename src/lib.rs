@@ -8,6 +8,8 @@ pub mod api;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod dr;
+pub mod dr_book;
 pub mod drivers;
 pub mod link;
 pub mod metrics;

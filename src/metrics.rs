@@ -53,6 +53,8 @@ pub struct Metrics {
     plan_price: GaugeVec,
     plan_battery: GaugeVec,
     plan_failures: IntCounterVec,
+    dr_active: GaugeVec,
+    dr_acks: IntCounterVec,
     /// Label values set last cycle, so series that no longer apply are removed.
     last: Mutex<Last>,
 }
@@ -139,6 +141,8 @@ impl Metrics {
             plan_price: gauge(&r, "ems_plan_price_per_kwh", "Price of the plan's current step, by direction.", &["direction"]),
             plan_battery: gauge(&r, "ems_plan_battery_power_watts", "Fleet battery power the plan's current step asks for, + discharge.", &[]),
             plan_failures: counter(&r, "ems_plan_failures_total", "Plans that failed or timed out (self-consumption ran instead).", &[]),
+            dr_active: gauge(&r, "ems_dr_events_active", "Demand-response events in force now.", &[]),
+            dr_acks: counter(&r, "ems_dr_acks_total", "Demand-response acknowledgements by status (accepted, rejected, active, ended, cancelled).", &["status"]),
             last: Mutex::new(Last::default()),
             registry: r,
         }
@@ -196,6 +200,10 @@ impl Metrics {
 
     pub fn count_plan_failure(&self) {
         self.plan_failures.with_label_values(NO_LABELS).inc();
+    }
+
+    pub fn count_dr_ack(&self, status: &str) {
+        self.dr_acks.with_label_values(&[status]).inc();
     }
 
     pub fn observe_cycle(&self, took: Duration) {
@@ -276,6 +284,14 @@ impl Metrics {
             }
             self.binding.with_label_values(&[now.as_str()]).set(1.0);
             last.binding = Some(now);
+        }
+        if let Some(dr) = &s.dr {
+            for status in ["accepted", "rejected", "active", "ended", "cancelled"] {
+                self.dr_acks.with_label_values(&[status]);
+            }
+            self.dr_active
+                .with_label_values(NO_LABELS)
+                .set(dr.constraints.active.len() as f64);
         }
         if let Some(p) = &s.plan {
             // The failure counter is always shown, at zero on a healthy site.

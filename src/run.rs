@@ -17,6 +17,7 @@ use crate::api::{self, AppState, Published};
 use crate::clock::Clock;
 use crate::config::{LinkKind, MeterRole, SiteConfig};
 use crate::control::{self, ControlParams, ControlState, Decision};
+use crate::dr_book::DrBook;
 use crate::drivers::saj;
 use crate::link::Link;
 use crate::metrics::Metrics;
@@ -68,6 +69,8 @@ pub struct Ems {
     plan: Option<Vec<Option<f64>>>,
     planner: Option<Planner>,
     store: Option<crate::store::Store>,
+    dr: Arc<std::sync::Mutex<DrBook>>,
+    dr_constraints: crate::dr::DrConstraints,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     publish: watch::Sender<Option<Published>>,
@@ -122,15 +125,32 @@ impl Ems {
                 )
             })
             .collect();
+        // The DR book is read before the first cycle, so events in force after a restart are
+        // enforced before anything is written.
+        let book = match &config.store {
+            Some(s) => DrBook::open(std::path::Path::new(&s.path)).unwrap_or_else(|e| {
+                tracing::error!(
+                    "cannot open the DR book in {}: {e}; events are kept in memory only",
+                    s.path
+                );
+                DrBook::in_memory()
+            }),
+            None => DrBook::in_memory(),
+        };
+        let dr = Arc::new(std::sync::Mutex::new(book));
         let (publish, rx) = watch::channel(None);
         let cycle = Duration::from_millis(config.control.cycle_ms);
         let state = AppState {
             status: rx,
+            dr: dr.clone(),
+            dr_token: config.dr.as_ref().and_then(|d| d.token()),
             metrics: metrics.clone(),
             max_silence: (cycle * 5).max(Duration::from_secs(5)),
         };
         (
             Ems {
+                dr: dr.clone(),
+                dr_constraints: Default::default(),
                 store: config.store.as_ref().and_then(|s| {
                     crate::store::Store::open(std::path::Path::new(&s.path))
                         .map_err(|e| {
@@ -158,6 +178,11 @@ impl Ems {
             },
             state,
         )
+    }
+
+    /// The demand-response event book (shared with the API).
+    pub fn dr_book(&self) -> Arc<std::sync::Mutex<DrBook>> {
+        self.dr.clone()
     }
 
     /// The status published by the last cycle.
@@ -238,6 +263,7 @@ impl Ems {
             grid,
             units,
             plan: self.plan.clone(),
+            dr: self.dr_constraints.clone(),
         }
     }
 
@@ -349,6 +375,38 @@ impl Ems {
         self.planner.as_ref()?.fresh_plan(now).cloned()
     }
 
+    /// Move DR events through their states and resolve those in force; a start or end
+    /// triggers a re-plan.
+    fn demand_response(&mut self) {
+        let now = self.clock.now();
+        let mut book = self.dr.lock().unwrap_or_else(|e| e.into_inner());
+        if book.tick(now) {
+            if let Some(p) = self.planner.as_mut() {
+                p.planned_at = None;
+                p.attempted_at = None;
+            }
+        }
+        for ack in book.take_acks() {
+            self.metrics.count_dr_ack(&ack.status);
+        }
+        let fleet_rated_w: f64 = self.config.inverters.iter().map(|i| i.rated_power_w).sum();
+        let levels = self
+            .config
+            .dr
+            .as_ref()
+            .map(|d| d.openadr_levels)
+            .unwrap_or_default();
+        self.dr_constraints = crate::dr::resolve(&book.events(), now, fleet_rated_w, &levels);
+    }
+
+    fn dr_status(&self) -> Option<status::DrStatus> {
+        let book = self.dr.lock().unwrap_or_else(|e| e.into_inner());
+        Some(status::DrStatus {
+            events: book.list().len(),
+            constraints: self.dr_constraints.clone(),
+        })
+    }
+
     /// Decide and write: every commanded unit in parallel (each on its own link task).
     async fn control(&mut self, now: Duration) {
         let snapshot = self.snapshot(now);
@@ -405,6 +463,7 @@ impl Ems {
         tokio::join!(meters, inverters);
 
         let now = self.clock.monotonic();
+        self.demand_response();
         self.replan(now);
         self.control(now).await;
         self.cycle += 1;
@@ -418,6 +477,7 @@ impl Ems {
             self.cycle,
         );
         status.plan = self.plan_status(now);
+        status.dr = self.dr_status();
         self.record_history(&status);
         self.metrics.observe(&status);
         self.metrics.observe_cycle(started.elapsed());

@@ -148,6 +148,14 @@ pub struct PlanStatus {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DrStatus {
+    /// Events accepted and not over yet.
+    pub events: usize,
+    /// What the events in force ask of the fleet.
+    pub constraints: crate::dr::DrConstraints,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Status {
     pub site: String,
     /// Site time (the simulator's under `--simulate`), RFC 3339 UTC.
@@ -160,6 +168,7 @@ pub struct Status {
     pub grid: GridStatus,
     pub control: Option<ControlStatus>,
     pub plan: Option<PlanStatus>,
+    pub dr: Option<DrStatus>,
     pub fleet: FleetStatus,
     pub inverters: Vec<InverterStatus>,
     pub meters: Vec<MeterStatus>,
@@ -360,6 +369,7 @@ pub fn build(
                 .collect(),
         }),
         plan: None,
+        dr: None,
         fleet,
         inverters,
         meters,

@@ -36,6 +36,9 @@ pub struct SiteConfig {
     /// self-consumption).
     #[serde(default)]
     pub planner: Option<PlannerConfig>,
+    /// Demand response from aggregators; absent means the DR API is off.
+    #[serde(default)]
+    pub dr: Option<DrConfig>,
     /// Embedded SQLite store for the site's history; none when absent.
     #[serde(default)]
     pub store: Option<StoreConfig>,
@@ -99,6 +102,31 @@ pub struct LoadForecastConfig {
     /// Forecast from the store: the same weekday and time over the last N weeks.
     #[serde(default)]
     pub history_weeks: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrConfig {
+    /// Bearer token aggregators present; prefer `token_env`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Name of the environment variable holding the bearer token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// What OpenADR SIMPLE levels 0–3 mean at this site.
+    #[serde(default)]
+    pub openadr_levels: [crate::dr::LevelLimits; 4],
+}
+
+impl DrConfig {
+    /// The token in force: from the environment variable if named and set, else the file's.
+    pub fn token(&self) -> Option<String> {
+        self.token_env
+            .as_ref()
+            .and_then(|v| std::env::var(v).ok())
+            .filter(|t| !t.is_empty())
+            .or_else(|| self.token.clone().filter(|t| !t.is_empty()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -63,6 +63,8 @@ pub struct Snapshot {
     pub units: Vec<UnitInput>,
     /// Plan-mode battery targets per unit (+ discharge), when a plan is in force.
     pub plan: Option<Vec<Option<f64>>>,
+    /// Demand-response constraints in force.
+    pub dr: crate::dr::DrConstraints,
 }
 
 /// What one inverter is told to do.
@@ -154,6 +156,9 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
     let Some(grid) = grid else {
         return fail_safe(p, s);
     };
+    if s.dr.standby {
+        return standby(p, s);
+    }
 
     let mut net_w = [0.0; 3];
     let mut voltage_v = [p.nominal_v; 3];
@@ -212,6 +217,16 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
                 view.hi = dis.min((up.rated_w - view.pv_w).max(0.0));
                 view.lo = -chg.min(up.rated_w + view.pv_w);
                 view.pv_used_w = view.pv_w;
+                // Demand response: generation and consumption caps per unit (DRM1–3, 5–7).
+                if let Some(pct) = s.dr.generation_pct {
+                    view.hi = view.hi.min(pct / 100.0 * up.rated_w);
+                }
+                if let Some(pct) = s.dr.consumption_pct {
+                    view.lo = view
+                        .lo
+                        .max(-pct / 100.0 * up.rated_w - view.pv_w)
+                        .min(view.hi);
+                }
             }
             view
         })
@@ -224,12 +239,31 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         .sum();
     let self_use_w = net_w.iter().sum::<f64>() - pv_total;
 
-    // Working mode (and plan).
-    let intent = mode::apply(&p.mode, s.time, &mut units, self_use_w, s.plan.as_deref());
+    // Working mode (and plan), unless demand response sets the fleet's target.
+    let mut intent = mode::apply(&p.mode, s.time, &mut units, self_use_w, s.plan.as_deref());
+    if let Some(w) = s.dr.fleet_battery_w {
+        intent = mode::ModeIntent {
+            active: "dr_fleet_battery",
+            fleet_target_w: w,
+            fixed_w: vec![None; units.len()],
+        };
+    } else if let Some(target) = s.dr.grid_target_w {
+        intent = mode::ModeIntent {
+            active: "dr_grid_target",
+            fleet_target_w: self_use_w - target,
+            fixed_w: vec![None; units.len()],
+        };
+    }
     dispatch::share(&mut units, &intent.fixed_w, intent.fleet_target_w);
+    let generation_cap = |rated_w: f64| {
+        s.dr.generation_pct
+            .map_or(rated_w, |pct| pct / 100.0 * rated_w)
+    };
     for u in units.iter_mut().filter(|u| u.controllable) {
-        // PV beyond the rating is clipped by the inverter itself.
-        u.pv_used_w = u.pv_used_w.min((u.rated_w - u.battery_w).max(0.0));
+        // PV beyond the rating (or a DRM generation cap) is clipped.
+        u.pv_used_w = u
+            .pv_used_w
+            .min((generation_cap(u.rated_w) - u.battery_w).max(0.0));
     }
 
     // Export and import limits.
@@ -240,7 +274,20 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         let b = grid_limit::hold_import(&mut units, net_w, allowance);
         binding = binding.or(b);
     }
-    let export_binding = binding.is_some_and(Binding::is_export);
+    // Demand-response limits on the whole site narrow further.
+    let mut dr_binding = None;
+    if let Some(w) = s.dr.export_limit_w {
+        if grid_limit::hold_export(&mut units, net_w, Allowance::Total(w - p.margin_w)).is_some() {
+            dr_binding = Some("dr:export_limit".to_string());
+        }
+    }
+    if let Some(w) = s.dr.import_limit_w {
+        if grid_limit::hold_import(&mut units, net_w, Allowance::Total(w - p.margin_w)).is_some() {
+            dr_binding = dr_binding.or(Some("dr:import_limit".to_string()));
+        }
+    }
+    let export_binding =
+        binding.is_some_and(Binding::is_export) || dr_binding.as_deref() == Some("dr:export_limit");
 
     // Output caps: the planned output plus this unit's share of what the limit leaves (or
     // a small probe, so more PV can show itself); exactly the plan while curtailing.
@@ -260,7 +307,7 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         };
         let mut sp = Setpoint {
             battery_w: u.battery_w,
-            output_cap_w: cap.clamp(0.0, u.rated_w),
+            output_cap_w: cap.clamp(0.0, generation_cap(u.rated_w)),
         };
         let before = prev_sp(k).unwrap_or(Setpoint {
             battery_w: s.units[k].reading.as_ref().map_or(0.0, |r| r.battery_w),
@@ -285,7 +332,7 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             export_binding,
         )
         .clamp(0.0, u.rated_w);
-        sp.output_cap_w = up.quantize(sp.output_cap_w);
+        sp.output_cap_w = up.quantize(sp.output_cap_w.min(generation_cap(u.rated_w)));
         setpoints[k] = Some(sp);
     }
 
@@ -299,8 +346,8 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
     }
     let predicted_grid_w = grid_limit::predict(&after, net_w);
 
-    let binding = binding
-        .map(Binding::label)
+    let binding = dr_binding
+        .or(binding.map(Binding::label))
         .or_else(|| soc_bound.then(|| "soc".to_string()));
     let decision = Decision {
         setpoints: setpoints.clone(),
@@ -333,6 +380,37 @@ fn settle(want: f64, before: f64, ramp: f64, deadband: f64, export_binding: bool
     } else {
         next
     }
+}
+
+/// DRM0: every reachable unit in standby — no battery power, no output.
+fn standby(p: &ControlParams, s: &Snapshot) -> (Decision, ControlState) {
+    let setpoints: Vec<Option<Setpoint>> = p
+        .units
+        .iter()
+        .enumerate()
+        .map(|(k, _)| {
+            s.units.get(k)?.reading.as_ref()?;
+            Some(Setpoint {
+                battery_w: 0.0,
+                output_cap_w: 0.0,
+            })
+        })
+        .collect();
+    (
+        Decision {
+            setpoints: setpoints.clone(),
+            fail_safe: false,
+            binding: Some("dr:drm0".into()),
+            active_mode: "dr_standby",
+            fleet_target_w: 0.0,
+            predicted_grid_w: [0.0; 3],
+        },
+        ControlState {
+            last_s: Some(s.mono_s),
+            curtailed: vec![false; setpoints.len()],
+            setpoints,
+        },
+    )
 }
 
 /// Grid meter lost: zero export from every unit that can be reached — no output above zero,

@@ -77,6 +77,7 @@ fn snap(p: &ControlParams, grid_w: [f64; 3], pv_w: f64, soc: f64) -> Snapshot {
             })
             .collect(),
         plan: None,
+        dr: Default::default(),
     }
 }
 
