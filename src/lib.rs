@@ -7,6 +7,7 @@ pub mod actuator;
 pub mod api;
 pub mod clock;
 pub mod config;
+pub mod contacts;
 pub mod control;
 pub mod dr;
 pub mod dr_book;

@@ -134,6 +134,8 @@ impl Link {
 pub enum Frame {
     /// FC03/FC04 of this many registers.
     Read(u16),
+    /// FC01/FC02 of this many bits.
+    ReadBits(u16),
     /// FC06.
     WriteSingle,
     /// FC16 of this many registers.
@@ -144,6 +146,7 @@ pub enum Frame {
 pub fn rtu_frame_bytes(frame: Frame, exception: bool) -> (usize, usize) {
     let (request, response) = match frame {
         Frame::Read(n) => (8, 5 + 2 * n as usize),
+        Frame::ReadBits(n) => (8, 5 + (n as usize).div_ceil(8)),
         Frame::WriteSingle => (8, 8),
         Frame::WriteMultiple(n) => (9 + 2 * n as usize, 8),
     };
@@ -211,6 +214,10 @@ async fn execute(ctx: &mut Context, op: Op) -> tokio_modbus::Result<Vec<u16>> {
         Op::Read(b) => match b.table {
             Table::Holding => ctx.read_holding_registers(b.start, b.count).await,
             Table::Input => ctx.read_input_registers(b.start, b.count).await,
+            Table::Discrete => ctx
+                .read_discrete_inputs(b.start, b.count)
+                .await
+                .map(|r| r.map(|bits| bits.into_iter().map(u16::from).collect())),
         },
         Op::Write { addr, value } => ctx
             .write_single_register(addr, value)
@@ -274,6 +281,7 @@ async fn run(
         }
         if let Some(gap) = gap {
             let frame = match job.op {
+                Op::Read(b) if b.table == Table::Discrete => Frame::ReadBits(b.count),
                 Op::Read(b) => Frame::Read(b.count),
                 Op::Write { .. } => Frame::WriteSingle,
             };

@@ -71,6 +71,7 @@ pub struct Ems {
     store: Option<crate::store::Store>,
     dr: Arc<std::sync::Mutex<DrBook>>,
     dr_constraints: crate::dr::DrConstraints,
+    contacts: Option<crate::contacts::Contacts>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     publish: watch::Sender<Option<Published>>,
@@ -149,6 +150,14 @@ impl Ems {
         };
         (
             Ems {
+                contacts: config
+                    .dr
+                    .as_ref()
+                    .and_then(|d| d.contacts.clone())
+                    .and_then(|k| {
+                        let link = links.get(k.link.as_str())?.clone();
+                        Some(crate::contacts::Contacts::new(k, link))
+                    }),
                 dr: dr.clone(),
                 dr_constraints: Default::default(),
                 store: config.store.as_ref().and_then(|s| {
@@ -396,7 +405,11 @@ impl Ems {
             .as_ref()
             .map(|d| d.openadr_levels)
             .unwrap_or_default();
-        self.dr_constraints = crate::dr::resolve(&book.events(), now, fleet_rated_w, &levels);
+        let mut events = book.events();
+        if let Some(c) = &self.contacts {
+            events.extend(c.drm_events(now));
+        }
+        self.dr_constraints = crate::dr::resolve(&events, now, fleet_rated_w, &levels);
     }
 
     fn dr_status(&self) -> Option<status::DrStatus> {
@@ -463,6 +476,9 @@ impl Ems {
         tokio::join!(meters, inverters);
 
         let now = self.clock.monotonic();
+        if let Some(c) = self.contacts.as_mut() {
+            c.poll(self.clock.now(), &self.dr).await;
+        }
         self.demand_response();
         self.replan(now);
         self.control(now).await;

@@ -137,6 +137,7 @@ fn dr_site() -> SiteConfig {
         token: Some(TOKEN.into()),
         token_env: None,
         openadr_levels: Default::default(),
+        contacts: None,
     });
     c
 }
@@ -380,4 +381,115 @@ fn kill_9_during_an_event_restart_enforces_it_again_once() {
     assert_eq!(list[0]["id"], "drm5-kill");
     ems.kill().unwrap();
     ems.wait().unwrap();
+}
+
+fn with_contacts() -> SiteConfig {
+    let mut c = exporting_demo();
+    c.links.push(site_ems::config::LinkConfig {
+        name: "dio".into(),
+        kind: site_ems::config::LinkKind::Tcp,
+        host: Some("192.168.1.90".into()),
+        port: Some(502),
+        device: None,
+        baud: None,
+        parity: Default::default(),
+        stop_bits: None,
+        timeout_ms: None,
+        gap_ms: None,
+    });
+    c.dr = Some(DrConfig {
+        token: None,
+        token_env: None,
+        openadr_levels: Default::default(),
+        contacts: Some(site_ems::config::ContactsConfig {
+            link: "dio".into(),
+            unit_id: 5,
+            drm_inputs: Some([0, 1, 2, 3, 4, 5, 6, 7, 8]),
+            ripple_inputs: Some([10, 11, 12, 13]),
+        }),
+    });
+    c
+}
+
+/// Seconds until `ok` holds (and keeps holding for the rest of `window` s), ticking the loop.
+async fn holds_after(
+    l: &mut ClosedLoop,
+    window: f64,
+    ok: impl Fn(&ClosedLoop) -> bool,
+) -> Option<f64> {
+    let t0 = l.t_s;
+    let mut since = None;
+    while l.t_s < t0 + window {
+        l.tick().await;
+        if ok(l) {
+            since.get_or_insert(l.t_s - t0);
+        } else {
+            since = None;
+        }
+    }
+    since
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dred_contact_drm5_applies_while_closed() {
+    let mut l = ClosedLoop::start(with_contacts()).await.unwrap();
+    l.run(20.0, |_, _| {}).await;
+    l.sim.set_contact(5, true);
+    let no_generation = |l: &ClosedLoop| {
+        l.sim
+            .with_model(|m| m.inverters.iter().all(|i| i.ac_w <= 1.0))
+    };
+    let after = holds_after(&mut l, 8.0, no_generation)
+        .await
+        .expect("DRM5 from the contact");
+    assert!(after <= 2.0, "DRM5 held after {after:.1} s");
+    l.sim.set_contact(5, false);
+    let back = holds_after(&mut l, 10.0, |l| l.export_w() > 10_000.0).await;
+    assert!(back.is_some(), "generation resumes when the contact opens");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ripple_pulse_30_pct_is_latched_after_it_ends() {
+    let mut l = ClosedLoop::start(with_contacts()).await.unwrap();
+    l.run(20.0, |_, _| {}).await;
+    assert!(
+        l.export_w() > 40_000.0,
+        "exporting before the step: {}",
+        l.export_w()
+    );
+    // A 1.5 s pulse on the 30 % input; from its start, feed-in must be capped within 2 s and
+    // stay capped for 20 s after the pulse has ended.
+    let t0 = l.t_s;
+    l.sim.set_contact(12, true);
+    let mut since = None;
+    while l.t_s < t0 + 21.5 {
+        if l.t_s >= t0 + 1.5 {
+            l.sim.set_contact(12, false);
+        }
+        l.tick().await;
+        if l.export_w() <= 30_000.0 {
+            since.get_or_insert(l.t_s - t0);
+        } else {
+            since = None;
+        }
+    }
+    let after = since.expect("feed-in capped and latched");
+    assert!(after <= 2.0, "capped {after:.1} s after the pulse started");
+    assert!(
+        l.ems
+            .status()
+            .unwrap()
+            .dr
+            .as_ref()
+            .unwrap()
+            .constraints
+            .export_limit_w
+            == Some(30_000.0)
+    );
+    // The 100 % pulse releases it.
+    l.sim.set_contact(10, true);
+    l.run(1.0, |_, _| {}).await;
+    l.sim.set_contact(10, false);
+    let released = holds_after(&mut l, 10.0, |l| l.export_w() > 40_000.0).await;
+    assert!(released.is_some(), "100 % step releases the cap");
 }

@@ -116,6 +116,39 @@ pub struct DrConfig {
     /// What OpenADR SIMPLE levels 0–3 mean at this site.
     #[serde(default)]
     pub openadr_levels: [crate::dr::LevelLimits; 4],
+    /// A Modbus digital-input module wired to the DRED or ripple-control receiver.
+    #[serde(default)]
+    pub contacts: Option<ContactsConfig>,
+}
+
+/// Discrete inputs (FC02) of a contact module: a closed contact reads 1.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContactsConfig {
+    pub link: String,
+    pub unit_id: u8,
+    /// Input addresses of DRM0…DRM8 (a DRM is in force while its contact is closed).
+    #[serde(default)]
+    pub drm_inputs: Option<[u16; 9]>,
+    /// Input addresses of the ripple-control steps 100 %, 60 %, 30 %, 0 % (pulses, latched).
+    #[serde(default)]
+    pub ripple_inputs: Option<[u16; 4]>,
+}
+
+impl ContactsConfig {
+    /// The block of inputs to read: every configured address.
+    pub fn span(&self) -> Option<(u16, u16)> {
+        let all: Vec<u16> = self
+            .drm_inputs
+            .iter()
+            .flatten()
+            .chain(self.ripple_inputs.iter().flatten())
+            .copied()
+            .collect();
+        let lo = *all.iter().min()?;
+        let hi = *all.iter().max()?;
+        Some((lo, hi - lo + 1))
+    }
 }
 
 impl DrConfig {

@@ -57,7 +57,29 @@ pub fn validate(c: &SiteConfig, locator: &Locator, file: &str) -> Vec<ConfigErro
     inverters(c, &mut r);
     topology(c, &mut r);
     planner(c, &mut r);
+    dr(c, &mut r);
     r.errors
+}
+
+fn dr(c: &SiteConfig, r: &mut Report) {
+    let Some(k) = c.dr.as_ref().and_then(|d| d.contacts.as_ref()) else {
+        return;
+    };
+    link_ref_ok(c, r, path!["dr", "contacts", "link"], &k.link);
+    unit_id_ok(r, path!["dr", "contacts", "unit_id"], k.unit_id);
+    match k.span() {
+        None => r.err(
+            path!["dr", "contacts"],
+            "the contact module has no inputs",
+            "give `drm_inputs` (9 addresses) and/or `ripple_inputs` (4)",
+        ),
+        Some((_, n)) if n > 2000 => r.err(
+            path!["dr", "contacts"],
+            "contact addresses span more than 2000 inputs",
+            "keep them within one FC02 read",
+        ),
+        _ => {}
+    }
 }
 
 fn planner(c: &SiteConfig, r: &mut Report) {

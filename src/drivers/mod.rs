@@ -17,6 +17,8 @@ pub enum Table {
     Holding,
     /// FC04.
     Input,
+    /// FC02, one bit per address (read as 0/1 words).
+    Discrete,
 }
 
 /// One block read: at most 125 registers (the Modbus limit for FC03/FC04).
@@ -34,6 +36,17 @@ impl ReadBlock {
             table: Table::Holding,
             start,
             count,
+        }
+    }
+}
+
+impl ReadBlock {
+    /// FC02 discrete inputs (at most 2000 per request).
+    pub fn discrete(start: u16, count: u16) -> ReadBlock {
+        ReadBlock {
+            table: Table::Discrete,
+            start,
+            count: count.clamp(1, 2000),
         }
     }
 }

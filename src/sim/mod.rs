@@ -69,6 +69,9 @@ pub async fn launch(config: &SiteConfig, port_base: Option<u16>) -> std::io::Res
     })
 }
 
+/// Device id of the simulated contact module.
+pub const CONTACTS_ID: &str = "dr-contacts";
+
 /// How a simulated device answers, for failure tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Behaviour {
@@ -84,7 +87,12 @@ pub enum Behaviour {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Kind {
     Inverter(usize),
-    Meter { model: MeterModel, role: MeterRole },
+    /// A digital-input module (DRED / ripple-control contacts).
+    Contacts,
+    Meter {
+        model: MeterModel,
+        role: MeterRole,
+    },
 }
 
 pub(crate) struct Device {
@@ -98,6 +106,8 @@ pub(crate) struct Device {
     rtu: bool,
     /// An RTU device taken off its bus: it hears requests and answers none.
     unplugged: bool,
+    /// Discrete inputs (contact modules).
+    inputs: Vec<bool>,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -168,6 +178,7 @@ impl SimSite {
                 link: m.link.clone(),
                 rtu: rtu.contains_key(&m.link),
                 unplugged: false,
+                inputs: Vec::new(),
                 behaviour: Behaviour::Normal,
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 stop: None,
@@ -181,6 +192,21 @@ impl SimSite {
                 link: inv.link.clone(),
                 rtu: rtu.contains_key(&inv.link),
                 unplugged: false,
+                inputs: Vec::new(),
+                behaviour: Behaviour::Normal,
+                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                stop: None,
+            });
+        }
+        if let Some(k) = config.dr.as_ref().and_then(|d| d.contacts.as_ref()) {
+            devices.push(Device {
+                id: CONTACTS_ID.into(),
+                unit: k.unit_id,
+                kind: Kind::Contacts,
+                link: k.link.clone(),
+                rtu: rtu.contains_key(&k.link),
+                unplugged: false,
+                inputs: vec![false; usize::from(k.span().map_or(0, |(lo, n)| lo + n))],
                 behaviour: Behaviour::Normal,
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 stop: None,
@@ -325,6 +351,16 @@ impl SimSite {
         }
     }
 
+    /// Close or open a contact of the simulated DRED / ripple-control input module.
+    pub fn set_contact(&self, addr: u16, closed: bool) {
+        let mut w = lock(&self.world);
+        if let Some(d) = w.devices.iter_mut().find(|d| d.id == CONTACTS_ID) {
+            if let Some(bit) = d.inputs.get_mut(usize::from(addr)) {
+                *bit = closed;
+            }
+        }
+    }
+
     /// Every write received so far, in order.
     pub fn writes(&self) -> Vec<WriteRecord> {
         lock(&self.world).writes.clone()
@@ -366,7 +402,11 @@ impl SimSite {
                 timeout_ms: Some(300),
                 gap_ms: None,
             });
-            if let Some(m) = c.meters.iter_mut().find(|m| m.id == id) {
+            if id == CONTACTS_ID {
+                if let Some(k) = c.dr.as_mut().and_then(|d| d.contacts.as_mut()) {
+                    k.link = name;
+                }
+            } else if let Some(m) = c.meters.iter_mut().find(|m| m.id == id) {
                 m.link = name;
             } else if let Some(i) = c.inverters.iter_mut().find(|i| i.id == id) {
                 i.link = name;
@@ -506,7 +546,17 @@ pub(crate) fn respond(
     };
     let dev = &w.devices[index];
     let (kind, unit, id) = (dev.kind, dev.unit, dev.id.clone());
-    let result = handle(&mut w.model, kind, unit, request, garbage);
+    let result = match (kind, &request) {
+        (Kind::Contacts, Request::ReadDiscreteInputs(start, count)) => {
+            let bits: Option<Vec<bool>> = (0..*count)
+                .map(|k| dev.inputs.get(usize::from(start.wrapping_add(k))).copied())
+                .collect();
+            bits.map(Response::ReadDiscreteInputs)
+                .ok_or(ExceptionCode::IllegalDataAddress)
+        }
+        (Kind::Contacts, _) => Err(ExceptionCode::IllegalFunction),
+        _ => handle(&mut w.model, kind, unit, request, garbage),
+    };
     for (addr, value) in written {
         w.writes.push(WriteRecord {
             device: id.clone(),
@@ -528,6 +578,7 @@ fn handle(
     let image = || match kind {
         Kind::Inverter(i) => registers::inverter_image(model, &model.inverters[i], i),
         Kind::Meter { model: mm, role } => registers::meter_image(model, mm, role, unit),
+        Kind::Contacts => registers::Image::default(),
     };
     let read = |start: u16, count: u16| {
         let words = image().read(start, count)?;
@@ -543,7 +594,7 @@ fn handle(
         }
         Request::ReadInputRegisters(start, count) => match kind {
             // SAJ inverters have no input registers; the Chint meters answer FC04 too.
-            Kind::Inverter(_) => Err(ExceptionCode::IllegalFunction),
+            Kind::Inverter(_) | Kind::Contacts => Err(ExceptionCode::IllegalFunction),
             Kind::Meter { .. } => read(start, count).map(Response::ReadInputRegisters),
         },
         Request::WriteSingleRegister(addr, value) => match kind {
@@ -551,7 +602,7 @@ fn handle(
                 registers::write_inverter_setting(&mut model.inverters[i], addr, value)?;
                 Ok(Response::WriteSingleRegister(addr, value))
             }
-            Kind::Meter { .. } => Err(ExceptionCode::IllegalDataAddress),
+            Kind::Meter { .. } | Kind::Contacts => Err(ExceptionCode::IllegalDataAddress),
         },
         Request::WriteMultipleRegisters(addr, values) => match kind {
             Kind::Inverter(i) => {
@@ -567,7 +618,7 @@ fn handle(
                 *inv = staged;
                 Ok(Response::WriteMultipleRegisters(addr, values.len() as u16))
             }
-            Kind::Meter { .. } => Err(ExceptionCode::IllegalDataAddress),
+            Kind::Meter { .. } | Kind::Contacts => Err(ExceptionCode::IllegalDataAddress),
         },
         _ => Err(ExceptionCode::IllegalFunction),
     }

@@ -84,6 +84,7 @@ enum Answer {
 fn request_frame(req: &Request<'_>) -> Frame {
     match req {
         Request::ReadHoldingRegisters(_, n) | Request::ReadInputRegisters(_, n) => Frame::Read(*n),
+        Request::ReadDiscreteInputs(_, n) | Request::ReadCoils(_, n) => Frame::ReadBits(*n),
         Request::WriteMultipleRegisters(_, v) => Frame::WriteMultiple(v.len() as u16),
         _ => Frame::WriteSingle,
     }
