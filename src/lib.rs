@@ -14,6 +14,7 @@ pub mod dr_book;
 pub mod drivers;
 pub mod link;
 pub mod metrics;
+pub mod mqtt;
 pub mod planner;
 pub mod poll;
 pub mod run;

@@ -55,6 +55,8 @@ pub struct Metrics {
     plan_failures: IntCounterVec,
     dr_active: GaugeVec,
     dr_acks: IntCounterVec,
+    dr_link_up: GaugeVec,
+    dr_fallback: GaugeVec,
     /// Label values set last cycle, so series that no longer apply are removed.
     last: Mutex<Last>,
 }
@@ -143,6 +145,8 @@ impl Metrics {
             plan_failures: counter(&r, "ems_plan_failures_total", "Plans that failed or timed out (self-consumption ran instead).", &[]),
             dr_active: gauge(&r, "ems_dr_events_active", "Demand-response events in force now.", &[]),
             dr_acks: counter(&r, "ems_dr_acks_total", "Demand-response acknowledgements by status (accepted, rejected, active, ended, cancelled).", &["status"]),
+            dr_link_up: gauge(&r, "ems_dr_link_up", "1 while the aggregator's MQTT broker is connected (sites with MQTT only).", &[]),
+            dr_fallback: gauge(&r, "ems_dr_fallback_active", "1 while the aggregator link has been down past its heartbeat and the fallback limits apply (sites with MQTT only).", &[]),
             last: Mutex::new(Last::default()),
             registry: r,
         }
@@ -292,6 +296,14 @@ impl Metrics {
             self.dr_active
                 .with_label_values(NO_LABELS)
                 .set(dr.constraints.active.len() as f64);
+            if let Some(up) = dr.mqtt_connected {
+                self.dr_link_up
+                    .with_label_values(NO_LABELS)
+                    .set(f64::from(u8::from(up)));
+                self.dr_fallback
+                    .with_label_values(NO_LABELS)
+                    .set(f64::from(u8::from(dr.fallback)));
+            }
         }
         if let Some(p) = &s.plan {
             // The failure counter is always shown, at zero on a healthy site.

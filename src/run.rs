@@ -72,6 +72,11 @@ pub struct Ems {
     dr: Arc<std::sync::Mutex<DrBook>>,
     dr_constraints: crate::dr::DrConstraints,
     contacts: Option<crate::contacts::Contacts>,
+    /// The aggregator's MQTT link, when configured: its state and where acks go.
+    mqtt: Option<(
+        Arc<std::sync::Mutex<crate::mqtt::LinkState>>,
+        tokio::sync::mpsc::UnboundedSender<crate::dr_book::Ack>,
+    )>,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     publish: watch::Sender<Option<Published>>,
@@ -140,6 +145,12 @@ impl Ems {
         };
         let dr = Arc::new(std::sync::Mutex::new(book));
         let (publish, rx) = watch::channel(None);
+        let mqtt = config.dr.as_ref().and_then(|d| d.mqtt.clone()).map(|m| {
+            let state = Arc::new(std::sync::Mutex::new(crate::mqtt::LinkState::default()));
+            let (ack_tx, ack_rx) = tokio::sync::mpsc::unbounded_channel();
+            crate::mqtt::spawn(m, dr.clone(), ack_rx, rx.clone(), state.clone());
+            (state, ack_tx)
+        });
         let cycle = Duration::from_millis(config.control.cycle_ms);
         let state = AppState {
             status: rx,
@@ -150,6 +161,7 @@ impl Ems {
         };
         (
             Ems {
+                mqtt,
                 contacts: config
                     .dr
                     .as_ref()
@@ -397,6 +409,9 @@ impl Ems {
         }
         for ack in book.take_acks() {
             self.metrics.count_dr_ack(&ack.status);
+            if let Some((_, tx)) = &self.mqtt {
+                let _ = tx.send(ack);
+            }
         }
         let fleet_rated_w: f64 = self.config.inverters.iter().map(|i| i.rated_power_w).sum();
         let levels = self
@@ -409,7 +424,52 @@ impl Ems {
         if let Some(c) = &self.contacts {
             events.extend(c.drm_events(now));
         }
+        if self.mqtt_fallback() {
+            let f = self
+                .config
+                .dr
+                .as_ref()
+                .and_then(|d| d.mqtt.as_ref())
+                .map(|m| m.fallback)
+                .unwrap_or_default();
+            let fallback = |id: &str, command| crate::dr::DrEvent {
+                id: id.into(),
+                start: now - chrono::Duration::seconds(1),
+                end: now + chrono::Duration::seconds(1),
+                priority: 0,
+                command,
+                source: "fallback".into(),
+            };
+            if let Some(w) = f.export_limit_w {
+                events.push(fallback(
+                    "mqtt-fallback-export",
+                    crate::dr::DrCommand::ExportLimitW(w),
+                ));
+            }
+            if let Some(w) = f.import_limit_w {
+                events.push(fallback(
+                    "mqtt-fallback-import",
+                    crate::dr::DrCommand::ImportLimitW(w),
+                ));
+            }
+        }
         self.dr_constraints = crate::dr::resolve(&events, now, fleet_rated_w, &levels);
+    }
+
+    /// The aggregator link has been down longer than its heartbeat.
+    fn mqtt_fallback(&self) -> bool {
+        let heartbeat = self
+            .config
+            .dr
+            .as_ref()
+            .and_then(|d| d.mqtt.as_ref())
+            .map_or(60.0, |m| m.heartbeat_s);
+        self.mqtt.as_ref().is_some_and(|(state, _)| {
+            state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .lost_for(Duration::from_secs_f64(heartbeat))
+        })
     }
 
     fn dr_status(&self) -> Option<status::DrStatus> {
@@ -417,6 +477,11 @@ impl Ems {
         Some(status::DrStatus {
             events: book.list().len(),
             constraints: self.dr_constraints.clone(),
+            mqtt_connected: self
+                .mqtt
+                .as_ref()
+                .map(|(s, _)| s.lock().unwrap_or_else(|e| e.into_inner()).connected()),
+            fallback: self.mqtt_fallback(),
         })
     }
 

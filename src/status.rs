@@ -153,6 +153,10 @@ pub struct DrStatus {
     pub events: usize,
     /// What the events in force ask of the fleet.
     pub constraints: crate::dr::DrConstraints,
+    /// The aggregator's MQTT link, when configured.
+    pub mqtt_connected: Option<bool>,
+    /// The link has been down past its heartbeat: the fallback limits apply.
+    pub fallback: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]

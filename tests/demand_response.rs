@@ -138,6 +138,7 @@ fn dr_site() -> SiteConfig {
         token_env: None,
         openadr_levels: Default::default(),
         contacts: None,
+        mqtt: None,
     });
     c
 }
@@ -407,6 +408,7 @@ fn with_contacts() -> SiteConfig {
             drm_inputs: Some([0, 1, 2, 3, 4, 5, 6, 7, 8]),
             ripple_inputs: Some([10, 11, 12, 13]),
         }),
+        mqtt: None,
     });
     c
 }

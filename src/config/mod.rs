@@ -119,6 +119,52 @@ pub struct DrConfig {
     /// A Modbus digital-input module wired to the DRED or ripple-control receiver.
     #[serde(default)]
     pub contacts: Option<ContactsConfig>,
+    /// The aggregator's MQTT broker.
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
+}
+
+/// MQTT to the aggregator. Topics, under `topic_prefix`: `dr/events` (events in, as JSON like
+/// the HTTP API's, or `{"cancel": "<id>"}`), `dr/ack` (acknowledgements out), `telemetry`
+/// (grid power, fleet SOC and the limits in force, out every `telemetry_s`), and `status`
+/// (`online`, or `offline` as the broker's last will).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    pub topic_prefix: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// CA certificate (PEM) to connect with TLS; plain TCP when absent.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Link down longer than this: the fallback limits apply until it is back.
+    #[serde(default = "default_heartbeat_s")]
+    pub heartbeat_s: f64,
+    #[serde(default = "default_telemetry_s")]
+    pub telemetry_s: f64,
+    #[serde(default)]
+    pub fallback: crate::dr::LevelLimits,
+}
+
+fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_client_id() -> String {
+    "site-ems".into()
+}
+fn default_heartbeat_s() -> f64 {
+    60.0
+}
+fn default_telemetry_s() -> f64 {
+    10.0
 }
 
 /// Discrete inputs (FC02) of a contact module: a closed contact reads 1.

@@ -1,0 +1,312 @@
+//! Demand response over MQTT through a real mosquitto broker on loopback: events take effect
+//! at their start and end at their end, acknowledgements arrive on the ack topic, and a lost
+//! broker puts the fallback limits in force until it is back.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::{fast_site, Harness};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use site_ems::config::{DrConfig, MqttConfig, SiteConfig};
+use tokio::sync::mpsc;
+
+struct Mosquitto {
+    child: Child,
+    config: std::path::PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &config,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let child = Self::spawn(&config);
+        let m = Mosquitto {
+            child,
+            config,
+            port,
+            _dir: dir,
+        };
+        m.wait_listening();
+        m
+    }
+
+    fn spawn(config: &std::path::Path) -> Child {
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed (.ci/run installs it: apt-get install mosquitto)")
+    }
+
+    fn wait_listening(&self) {
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("mosquitto did not listen on {}", self.port);
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.child = Self::spawn(&self.config);
+        self.wait_listening();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn site(port: u16) -> SiteConfig {
+    let mut c = fast_site("sites/demo.yaml");
+    c.export_limit.limit_w = Some(100_000.0);
+    c.simulation.initial_soc_pct = 100.0;
+    c.simulation.load_noise_pct = 0.0;
+    c.dr = Some(DrConfig {
+        token: None,
+        token_env: None,
+        openadr_levels: Default::default(),
+        contacts: None,
+        mqtt: Some(MqttConfig {
+            host: "127.0.0.1".into(),
+            port,
+            client_id: "ems-under-test".into(),
+            topic_prefix: "ems/test".into(),
+            username: None,
+            password_env: None,
+            ca_file: None,
+            heartbeat_s: 2.0,
+            telemetry_s: 0.5,
+            fallback: site_ems::dr::LevelLimits {
+                export_limit_w: Some(0.0),
+                import_limit_w: None,
+            },
+        }),
+    });
+    c
+}
+
+/// An aggregator: publishes events, hears acks and telemetry.
+async fn aggregator(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Value)>) {
+    let mut o = MqttOptions::new("aggregator", "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(o, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let sub = client.clone();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = sub.subscribe("ems/test/dr/ack", QoS::AtLeastOnce).await;
+                    let _ = sub.subscribe("ems/test/telemetry", QoS::AtMostOnce).await;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    if tx.send((p.topic, v)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// Wait for an ack of `id` with `status` on the ack topic.
+async fn ack(rx: &mut mpsc::UnboundedReceiver<(String, Value)>, id: &str, status: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some((topic, v)))
+                if topic.ends_with("dr/ack") && v["id"] == id && v["status"] == status =>
+            {
+                return
+            }
+            Ok(Some(_)) => continue,
+            _ => panic!("no `{status}` ack for {id}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_events_acks_telemetry_and_fallback_through_a_real_broker() {
+    let mut broker = Mosquitto::start();
+    let h = Harness::start(site(broker.port)).await;
+    let (client, mut rx) = aggregator(broker.port).await;
+    let s = h
+        .wait_for(
+            Duration::from_secs(10),
+            "EMS connected to the broker",
+            |s| s["dr"]["mqtt_connected"] == true,
+        )
+        .await;
+    let now: DateTime<Utc> = s["time"].as_str().unwrap().parse().unwrap();
+
+    // An event over MQTT: accepted now, active at its start, ended at its end.
+    let start = now + chrono::Duration::seconds(3);
+    let event = json!({"id": "mq-1", "start": start, "end": start + chrono::Duration::seconds(4), "export_limit_w": 5000});
+    client
+        .publish(
+            "ems/test/dr/events",
+            QoS::AtLeastOnce,
+            false,
+            event.to_string(),
+        )
+        .await
+        .unwrap();
+    ack(&mut rx, "mq-1", "accepted").await;
+    let active = |s: &Value| {
+        s["dr"]["constraints"]["active"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == "mq-1"))
+    };
+    assert!(!active(&h.status().await.unwrap()), "not before its start");
+    ack(&mut rx, "mq-1", "active").await;
+    let s = h.wait_for(Duration::from_secs(5), "in force", active).await;
+    assert!(
+        s["time"]
+            .as_str()
+            .unwrap()
+            .parse::<DateTime<Utc>>()
+            .unwrap()
+            >= start
+    );
+    h.wait_for(Duration::from_secs(5), "export held to 5 kW", |s| {
+        s["grid"]["power_w"].as_f64().is_some_and(|g| -g <= 5000.0)
+    })
+    .await;
+    ack(&mut rx, "mq-1", "ended").await;
+    h.wait_for(Duration::from_secs(5), "over", |s| !active(s))
+        .await;
+
+    // A malformed event is rejected with a reason, and changes nothing.
+    client
+        .publish(
+            "ems/test/dr/events",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"id": "bad-1", "drm": 12}"#,
+        )
+        .await
+        .unwrap();
+    ack(&mut rx, "bad-1", "rejected").await;
+
+    // Telemetry arrives.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, rx.recv()).await {
+            Ok(Some((topic, v))) if topic.ends_with("telemetry") => {
+                assert!(
+                    v["grid_power_w"].is_number() && v["fleet_soc_pct"].is_number(),
+                    "{v}"
+                );
+                break;
+            }
+            Ok(Some(_)) => continue,
+            _ => panic!("no telemetry"),
+        }
+    }
+
+    // The broker goes away: past the 2 s heartbeat the fallback (export 0) applies.
+    broker.stop();
+    let s = h
+        .wait_for(Duration::from_secs(10), "fallback in force", |s| {
+            s["dr"]["fallback"] == true && s["dr"]["constraints"]["export_limit_w"] == 0.0
+        })
+        .await;
+    assert_eq!(s["dr"]["mqtt_connected"], false);
+    h.wait_for(
+        Duration::from_secs(8),
+        "export stopped by the fallback",
+        |s| s["grid"]["power_w"].as_f64().is_some_and(|g| g >= 0.0),
+    )
+    .await;
+    let metrics = h
+        .client
+        .get(format!("{}/metrics", h.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ems_dr_fallback_active{site=\"demo\"} 1"),
+        "fallback metric"
+    );
+
+    // Back: the fallback lifts and events flow again.
+    broker.restart();
+    h.wait_for(Duration::from_secs(15), "link back, fallback lifted", |s| {
+        s["dr"]["mqtt_connected"] == true && s["dr"]["fallback"] == false
+    })
+    .await;
+    let s = h.status().await.unwrap();
+    let now: DateTime<Utc> = s["time"].as_str().unwrap().parse().unwrap();
+    let event =
+        json!({"id": "mq-2", "start": now, "end": now + chrono::Duration::hours(1), "drm": 6});
+    // The aggregator's own client reconnects too; retry until the ack shows it got through.
+    let mut accepted = false;
+    for _ in 0..20 {
+        let _ = client
+            .publish(
+                "ems/test/dr/events",
+                QoS::AtLeastOnce,
+                false,
+                event.to_string(),
+            )
+            .await;
+        if tokio::time::timeout(Duration::from_millis(500), ack(&mut rx, "mq-2", "accepted"))
+            .await
+            .is_ok()
+        {
+            accepted = true;
+            break;
+        }
+    }
+    assert!(accepted, "events resume after the broker is back");
+    let metrics = h
+        .client
+        .get(format!("{}/metrics", h.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ems_dr_link_up{site=\"demo\"} 1"),
+        "link metric"
+    );
+    h.stop().await;
+}
