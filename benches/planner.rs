@@ -44,6 +44,7 @@ fn inputs(batteries: usize, steps: usize) -> PlanInputs {
             .collect(),
         export_limit_w: 5000.0 * batteries as f64,
         import_limit_w: Some(8000.0 * batteries as f64),
+        dr_limits_w: Vec::new(),
         reserve_pct: 0.0,
         cycling_cost_per_kwh: 0.005,
         soc_penalty_per_kwh: 10.0,

@@ -73,6 +73,8 @@ pub struct DrBook {
     conn: Option<Connection>,
     entries: Vec<Entry>,
     acks: Vec<Ack>,
+    /// Counts changes (accepted, cancelled, started, ended) so readers can tell.
+    generation: u64,
 }
 
 fn store_err(e: rusqlite::Error) -> BookError {
@@ -86,7 +88,13 @@ impl DrBook {
             conn: None,
             entries: Vec::new(),
             acks: Vec::new(),
+            generation: 0,
         }
+    }
+
+    /// Changes so far: a new value means the events in force may have changed.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Open the book in the SQLite file, loading every event not yet over.
@@ -121,6 +129,7 @@ impl DrBook {
             conn: Some(conn),
             entries,
             acks: Vec::new(),
+            generation: 0,
         })
     }
 
@@ -200,6 +209,7 @@ impl DrBook {
             source: entry.event.source.clone(),
         });
         self.entries.push(entry.clone());
+        self.generation += 1;
         Ok(entry)
     }
 
@@ -211,6 +221,7 @@ impl DrBook {
             .ok_or_else(|| BookError::NotFound(id.to_string()))?;
         let mut entry = self.entries.remove(i);
         entry.state = EventState::Cancelled;
+        self.generation += 1;
         self.save(&entry)?;
         self.acks.push(Ack {
             id: id.to_string(),
@@ -248,6 +259,7 @@ impl DrBook {
             }
         }
         if changed {
+            self.generation += 1;
             for e in &self.entries {
                 if let Err(err) = self.save(e) {
                     tracing::error!("DR event state not stored: {err}");

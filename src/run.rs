@@ -71,6 +71,8 @@ pub struct Ems {
     store: Option<crate::store::Store>,
     dr: Arc<std::sync::Mutex<DrBook>>,
     dr_constraints: crate::dr::DrConstraints,
+    /// The DR book's generation the plan was made with.
+    dr_seen: u64,
     contacts: Option<crate::contacts::Contacts>,
     /// The aggregator's MQTT link, when configured: its state and where acks go.
     mqtt: Option<(
@@ -161,6 +163,7 @@ impl Ems {
         };
         (
             Ems {
+                dr_seen: u64::MAX,
                 mqtt,
                 contacts: config
                     .dr
@@ -319,6 +322,10 @@ impl Ems {
                 &Default::default(),
                 self.store.as_ref(),
             )
+            .map(|mut inputs| {
+                inputs.dr_limits_w = dr_step_limits(&self.config, &self.dr, &inputs);
+                inputs
+            })
             .and_then(|inputs| crate::planner::solve(&inputs).map_err(|e| e.to_string()));
             match outcome {
                 Ok(plan) => {
@@ -401,7 +408,10 @@ impl Ems {
     fn demand_response(&mut self) {
         let now = self.clock.now();
         let mut book = self.dr.lock().unwrap_or_else(|e| e.into_inner());
-        if book.tick(now) {
+        book.tick(now);
+        // Any accepted, cancelled, started or ended event: plan again with it.
+        if book.generation() != self.dr_seen {
+            self.dr_seen = book.generation();
             if let Some(p) = self.planner.as_mut() {
                 p.planned_at = None;
                 p.attempted_at = None;
@@ -587,6 +597,31 @@ impl Ems {
         }
         self.restore().await;
     }
+}
+
+/// Export and import limits that demand-response events put on each planning step.
+fn dr_step_limits(
+    config: &SiteConfig,
+    dr: &std::sync::Mutex<DrBook>,
+    inputs: &crate::planner::PlanInputs,
+) -> Vec<(Option<f64>, Option<f64>)> {
+    let events = dr.lock().unwrap_or_else(|e| e.into_inner()).events();
+    if events.is_empty() {
+        return Vec::new();
+    }
+    let fleet_rated_w: f64 = config.inverters.iter().map(|i| i.rated_power_w).sum();
+    let levels = config
+        .dr
+        .as_ref()
+        .map(|d| d.openadr_levels)
+        .unwrap_or_default();
+    (0..inputs.steps())
+        .map(|k| {
+            let t = inputs.start + chrono::Duration::seconds((k as f64 * inputs.step_s) as i64);
+            let c = crate::dr::resolve(&events, t, fleet_rated_w, &levels);
+            (c.export_limit_w, c.import_limit_w)
+        })
+        .collect()
 }
 
 /// Run the EMS and its API on `listener` until `shutdown` resolves.

@@ -198,6 +198,7 @@ pub fn from_config(
             .import_limit
             .as_ref()
             .map(|i| total_limit_w(c, i.mode, i.limit_w, i.limit_a)),
+        dr_limits_w: Vec::new(),
         reserve_pct: match c.working_mode.mode {
             crate::config::WorkingMode::Backup => c.working_mode.reserve_soc_pct.unwrap_or(0.0),
             _ => 0.0,

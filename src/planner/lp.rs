@@ -117,12 +117,14 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
     let mean_import = i.import_price.iter().sum::<f64>() / n as f64;
 
     let mut vars = variables!();
-    let import_cap = i.import_limit_w.map_or(f64::INFINITY, |w| w / K);
     let imp: Vec<Variable> = (0..n)
-        .map(|_| vars.add(variable().min(0.0).max(import_cap)))
+        .map(|t| {
+            let cap = i.import_cap_w(t).map_or(f64::INFINITY, |w| w / K);
+            vars.add(variable().min(0.0).max(cap))
+        })
         .collect();
     let exp: Vec<Variable> = (0..n)
-        .map(|_| vars.add(variable().min(0.0).max(i.export_limit_w.max(0.0) / K)))
+        .map(|t| vars.add(variable().min(0.0).max(i.export_cap_w(t) / K)))
         .collect();
     let cur: Vec<Variable> = (0..n)
         .map(|t| vars.add(variable().min(0.0).max(i.pv_w[t] / K)))

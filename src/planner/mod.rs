@@ -52,6 +52,8 @@ pub struct PlanInputs {
     /// Sum over phases.
     pub export_limit_w: f64,
     pub import_limit_w: Option<f64>,
+    /// Demand-response limits per step (export, import), W; empty or `None` where none.
+    pub dr_limits_w: Vec<(Option<f64>, Option<f64>)>,
     /// Back-up reserve every battery keeps (soft).
     pub reserve_pct: f64,
     pub cycling_cost_per_kwh: f64,
@@ -64,6 +66,22 @@ pub struct PlanInputs {
 impl PlanInputs {
     pub fn steps(&self) -> usize {
         self.import_price.len()
+    }
+
+    /// Export allowed in step `t`: the site's limit, narrowed by demand response.
+    pub fn export_cap_w(&self, t: usize) -> f64 {
+        let dr = self.dr_limits_w.get(t).and_then(|l| l.0);
+        dr.map_or(self.export_limit_w, |w| w.min(self.export_limit_w))
+            .max(0.0)
+    }
+
+    /// Import allowed in step `t`, if limited.
+    pub fn import_cap_w(&self, t: usize) -> Option<f64> {
+        let dr = self.dr_limits_w.get(t).and_then(|l| l.1);
+        match (self.import_limit_w, dr) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -141,7 +159,7 @@ pub fn baseline_cost(i: &PlanInputs) -> f64 {
             if net >= 0.0 {
                 i.import_price[t] * net * dt_h / 1000.0
             } else if i.export_price[t] > 0.0 {
-                -i.export_price[t] * (-net).min(i.export_limit_w) * dt_h / 1000.0
+                -i.export_price[t] * (-net).min(i.export_cap_w(t)) * dt_h / 1000.0
             } else {
                 0.0
             }

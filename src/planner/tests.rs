@@ -29,6 +29,7 @@ fn inputs(prices: impl Fn(usize) -> f64) -> PlanInputs {
         batteries: vec![battery("b1", 50.0)],
         export_limit_w: 10_000.0,
         import_limit_w: None,
+        dr_limits_w: Vec::new(),
         reserve_pct: 0.0,
         cycling_cost_per_kwh: 0.005,
         soc_penalty_per_kwh: 10.0,
@@ -274,4 +275,33 @@ fn lp_agrees_with_dynamic_programming_within_half_a_percent() {
         );
         assert!(lp <= dp + 1e-6, "case {k}: the LP is the tighter optimum");
     }
+}
+
+#[test]
+fn demand_response_limits_hold_in_their_steps_only() {
+    let mut i = inputs(|_| 0.20);
+    i.export_price = vec![0.15; 24];
+    i.batteries[0].soc_pct = 100.0;
+    i.pv_w = (0..24)
+        .map(|t| if (8..16).contains(&t) { 8000.0 } else { 0.0 })
+        .collect();
+    // An event holds export to zero from 10:00 to 13:00.
+    i.dr_limits_w = (0..24)
+        .map(|t| ((10..13).contains(&t).then_some(0.0), None))
+        .collect();
+    let p = solve(&i).unwrap();
+    for (t, s) in p.steps.iter().enumerate() {
+        if (10..13).contains(&t) {
+            assert!(
+                s.grid_w >= -1e-3,
+                "step {t} exports under the event: {}",
+                s.grid_w
+            );
+        }
+    }
+    assert!(
+        p.steps[14].grid_w < -1000.0,
+        "exports again after the event: {}",
+        p.steps[14].grid_w
+    );
 }
