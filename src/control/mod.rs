@@ -384,56 +384,42 @@ fn settle(want: f64, before: f64, ramp: f64, deadband: f64, export_binding: bool
 
 /// DRM0: every reachable unit in standby — no battery power, no output.
 fn standby(p: &ControlParams, s: &Snapshot) -> (Decision, ControlState) {
-    let setpoints: Vec<Option<Setpoint>> = p
-        .units
-        .iter()
-        .enumerate()
-        .map(|(k, _)| {
-            s.units.get(k)?.reading.as_ref()?;
-            Some(Setpoint {
-                battery_w: 0.0,
-                output_cap_w: 0.0,
-            })
-        })
-        .collect();
-    (
-        Decision {
-            setpoints: setpoints.clone(),
-            fail_safe: false,
-            binding: Some("dr:drm0".into()),
-            active_mode: "dr_standby",
-            fleet_target_w: 0.0,
-            predicted_grid_w: [0.0; 3],
-        },
-        ControlState {
-            last_s: Some(s.mono_s),
-            curtailed: vec![false; setpoints.len()],
-            setpoints,
-        },
-    )
+    hold_all(p, s, false, "dr:drm0", "dr_standby", |_, _| Setpoint {
+        battery_w: 0.0,
+        output_cap_w: 0.0,
+    })
 }
 
 /// Grid meter lost: zero export from every unit that can be reached — no output above zero,
 /// and the battery either idle or soaking up the unit's own PV.
 fn fail_safe(p: &ControlParams, s: &Snapshot) -> (Decision, ControlState) {
+    hold_all(p, s, true, "fail_safe", "fail_safe", |up, r| Setpoint {
+        battery_w: -r.pv_w.max(0.0).min(charge_room(up, r.soc_pct)),
+        output_cap_w: 0.0,
+    })
+}
+
+/// Every unit with a fresh reading to the setpoint `each` gives it; no narrowing, no ramps.
+fn hold_all(
+    p: &ControlParams,
+    s: &Snapshot,
+    fail_safe: bool,
+    binding: &str,
+    active_mode: &'static str,
+    each: impl Fn(&UnitParams, &UnitReading) -> Setpoint,
+) -> (Decision, ControlState) {
     let setpoints: Vec<Option<Setpoint>> = p
         .units
         .iter()
         .enumerate()
-        .map(|(k, up)| {
-            let r = s.units.get(k)?.reading.as_ref()?;
-            Some(Setpoint {
-                battery_w: -r.pv_w.max(0.0).min(charge_room(up, r.soc_pct)),
-                output_cap_w: 0.0,
-            })
-        })
+        .map(|(k, up)| Some(each(up, s.units.get(k)?.reading.as_ref()?)))
         .collect();
     (
         Decision {
             setpoints: setpoints.clone(),
-            fail_safe: true,
-            binding: Some("fail_safe".into()),
-            active_mode: "fail_safe",
+            fail_safe,
+            binding: Some(binding.into()),
+            active_mode,
             fleet_target_w: 0.0,
             predicted_grid_w: [0.0; 3],
         },
