@@ -65,6 +65,9 @@ enum Command {
         /// Print the plan as JSON.
         #[arg(long)]
         json: bool,
+        /// Also draw the plan (prices, battery and grid power) as an SVG file.
+        #[arg(long)]
+        chart: Option<PathBuf>,
     },
     /// Serve a site's devices as simulated Modbus TCP slaves on loopback.
     Simulate {
@@ -267,6 +270,7 @@ fn plan(command: Command) -> Result<(), String> {
         horizon,
         soc,
         json,
+        chart,
     } = command
     else {
         return Ok(());
@@ -309,6 +313,10 @@ fn plan(command: Command) -> Result<(), String> {
         store.as_ref(),
     )?;
     let plan = site_ems::planner::solve(&inputs).map_err(|e| e.to_string())?;
+    if let Some(path) = chart {
+        let svg = site_ems::planner::chart::svg(&plan, &format!("site {}", config.site.name));
+        std::fs::write(&path, svg).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     if json {
         println!(
             "{}",

@@ -336,3 +336,25 @@ async fn the_ems_records_site_history_as_it_runs() {
         "recorded {mean} vs simulated {truth}"
     );
 }
+
+#[test]
+fn plan_chart_is_an_svg_with_a_bar_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("plan.svg");
+    let (ok, _, err) = ems_plan(&[
+        "sites/demo.yaml",
+        "--start",
+        "2026-06-21T00:00:00Z",
+        "--horizon",
+        "24",
+        "--chart",
+        &chart.display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    // A background plus one battery bar per 15-min step; import, export and grid lines.
+    assert_eq!(svg.matches("<rect").count(), 1 + 96);
+    assert_eq!(svg.matches("<polyline").count(), 3);
+    assert!(svg.contains("without batteries"));
+}

@@ -7,6 +7,7 @@
 //! needless churn. Batteries with the same efficiencies share one connection and aggregate
 //! exactly into one for the solve; their powers are shared out afterwards.
 
+pub mod chart;
 pub mod inputs;
 mod lp;
 pub mod series;
