@@ -277,6 +277,15 @@ impl DrBook {
         self.entries.clone()
     }
 
+    /// Events not yet over.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     pub fn events(&self) -> Vec<DrEvent> {
         self.entries.iter().map(|e| e.event.clone()).collect()
     }

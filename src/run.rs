@@ -485,7 +485,7 @@ impl Ems {
     fn dr_status(&self) -> Option<status::DrStatus> {
         let book = self.dr.lock().unwrap_or_else(|e| e.into_inner());
         Some(status::DrStatus {
-            events: book.list().len(),
+            events: book.len(),
             constraints: self.dr_constraints.clone(),
             mqtt_connected: self
                 .mqtt
@@ -546,14 +546,19 @@ impl Ems {
         let started = Instant::now();
         let period = Duration::from_millis(self.config.control.cycle_ms);
         let t0 = self.clock.monotonic();
+        let wall = self.clock.now();
         let meters = join_all(self.meters.iter_mut().map(|m| m.poll(t0, period)));
         let inverters = join_all(self.inverters.iter_mut().map(|i| i.poll(t0, period)));
-        tokio::join!(meters, inverters);
+        // The contact module has its own link: read it alongside the devices.
+        let (contacts, dr) = (&mut self.contacts, &self.dr);
+        let contacts = async move {
+            if let Some(c) = contacts.as_mut() {
+                c.poll(wall, dr).await;
+            }
+        };
+        tokio::join!(meters, inverters, contacts);
 
         let now = self.clock.monotonic();
-        if let Some(c) = self.contacts.as_mut() {
-            c.poll(self.clock.now(), &self.dr).await;
-        }
         self.demand_response();
         self.replan(now);
         self.control(now).await;

@@ -245,3 +245,37 @@ fn readme_site_example_is_valid() {
         panic!("README example is invalid:\n{e}");
     }
 }
+
+#[test]
+fn load_forecast_sources_are_checked_in_the_site_file() {
+    let demo = std::fs::read_to_string("sites/demo.yaml").unwrap();
+    let profile_start = demo.find("    profile_w:").unwrap();
+    let profile_end = profile_start + demo[profile_start..].find('\n').unwrap();
+    let with = |load: &str, extra: &str| {
+        format!(
+            "{}{load}{}{extra}",
+            &demo[..profile_start],
+            &demo[profile_end..]
+        )
+    };
+    // History alone, with a store: valid.
+    SiteConfig::from_str(
+        "s.yaml",
+        &with("    history_weeks: 4", "store:\n  path: ems.sqlite\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // History without a store: refused, at the field, with the fix.
+    let text = with("    history_weeks: 4", "");
+    let e = errors(&text);
+    let e = e
+        .iter()
+        .find(|e| e.message.contains("needs the store"))
+        .expect("store error");
+    assert_eq!(e.line, line_of(&text, "history_weeks"));
+    assert!(e.hint.contains("store:"));
+    // A CSV and a profile together: refused.
+    let text = with("    csv: load.csv\n    profile_w: [1, 2]", "");
+    assert!(errors(&text)
+        .iter()
+        .any(|e| e.message.contains("load_forecast needs")));
+}

@@ -149,21 +149,52 @@ fn planner(c: &SiteConfig, r: &mut Report) {
             "give the array's peak in W, or a CSV series",
         );
     }
-    match (&p.load_forecast.profile_w, &p.load_forecast.csv) {
-        (Some(v), None) if v.len() != 24 || v.iter().any(|x| !x.is_finite() || *x < 0.0) => r.err(
-            path!["planner", "load_forecast", "profile_w"],
-            format!(
-                "profile_w has {} values; it needs 24 hourly loads ≥ 0 W",
-                v.len()
-            ),
-            "give one value per hour of the day, midnight first",
-        ),
-        (Some(_), None) | (None, Some(_)) => {}
-        _ => r.err(
+    let l = &p.load_forecast;
+    if let Some(v) = &l.profile_w {
+        if v.len() != 24 || v.iter().any(|x| !x.is_finite() || *x < 0.0) {
+            r.err(
+                path!["planner", "load_forecast", "profile_w"],
+                format!(
+                    "profile_w has {} values; it needs 24 hourly loads ≥ 0 W",
+                    v.len()
+                ),
+                "give one value per hour of the day, midnight first",
+            );
+        }
+    }
+    // A CSV stands alone; history may fall back on the profile.
+    let (profile, csv, history) = (
+        l.profile_w.is_some(),
+        l.csv.is_some(),
+        l.history_weeks.is_some(),
+    );
+    let ok = if csv {
+        !profile && !history
+    } else {
+        profile || history
+    };
+    if !ok {
+        r.err(
             path!["planner", "load_forecast"],
-            "load_forecast needs exactly one of `profile_w` or `csv`",
-            "give 24 hourly values or a CSV series",
-        ),
+            "load_forecast needs `profile_w`, `csv` or `history_weeks` (history may fall back on `profile_w`)",
+            "give 24 hourly values, a CSV series, or history_weeks with a `store:`",
+        );
+    }
+    if let Some(w) = l.history_weeks {
+        if !(1..=52).contains(&w) {
+            r.err(
+                path!["planner", "load_forecast", "history_weeks"],
+                format!("history_weeks {w} is outside 1–52"),
+                "use e.g. 4",
+            );
+        }
+        if c.store.is_none() {
+            r.err(
+                path!["planner", "load_forecast", "history_weeks"],
+                "a history forecast needs the store",
+                "add `store: { path: ems.sqlite }`",
+            );
+        }
     }
 }
 

@@ -203,7 +203,8 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
     }
 
     let solution = problem.solve().map_err(|err| match err {
-        ResolutionError::Other(msg) if msg.contains("ime") => PlanError::Timeout(i.time_limit_s),
+        // good_lp's wording for Clarabel's MaxTime status.
+        ResolutionError::Other("Time limit reached") => PlanError::Timeout(i.time_limit_s),
         other => PlanError::Solver(other.to_string()),
     })?;
     let solve_ms = started.elapsed().as_secs_f64() * 1000.0;

@@ -282,15 +282,6 @@ impl SimSite {
             .collect()
     }
 
-    /// Every device's id and address.
-    pub fn devices(&self) -> Vec<(String, SocketAddr)> {
-        lock(&self.world)
-            .devices
-            .iter()
-            .map(|d| (d.id.clone(), d.addr))
-            .collect()
-    }
-
     /// Unplug a device: close its TCP port and connections, or take it off its RTU bus.
     pub fn stop_device(&self, id: &str) -> bool {
         let mut w = lock(&self.world);
@@ -375,19 +366,23 @@ impl SimSite {
     /// real transports swapped for the simulator's loopback ports.
     pub fn rewire(&self, config: &SiteConfig) -> SiteConfig {
         let mut c = config.clone();
-        let served_on_tcp: Vec<(String, SocketAddr)> = lock(&self.world)
-            .devices
-            .iter()
-            .filter(|d| !d.rtu)
-            .map(|d| (d.id.clone(), d.addr))
-            .collect();
+        let (served_on_tcp, rtu_links): (Vec<(String, SocketAddr)>, Vec<String>) = {
+            let w = lock(&self.world);
+            (
+                w.devices
+                    .iter()
+                    .filter(|d| !d.rtu)
+                    .map(|d| (d.id.clone(), d.addr))
+                    .collect(),
+                w.devices
+                    .iter()
+                    .filter(|d| d.rtu)
+                    .map(|d| d.link.clone())
+                    .collect(),
+            )
+        };
         // Links of RTU-served devices stay as they are: the EMS opens the other end of the bus.
-        c.links.retain(|l| {
-            lock(&self.world)
-                .devices
-                .iter()
-                .any(|d| d.rtu && d.link == l.name)
-        });
+        c.links.retain(|l| rtu_links.contains(&l.name));
         for (id, addr) in served_on_tcp {
             let name = format!("sim-{id}");
             c.links.push(LinkConfig {
