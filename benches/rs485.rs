@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use site_ems::config::SiteConfig;
-use site_ems::run::Ems;
+use site_ems::runtime::Ems;
 use site_ems::sim::pty::PtyPair;
 use site_ems::sim::SimSite;
 

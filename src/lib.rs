@@ -1,24 +1,21 @@
-//! site-ems: a site energy manager for fleets of SAJ hybrid inverters.
+//! site-ems: a site energy manager for fleets of hybrid inverters.
 //!
-//! The crate is split into a functional core (config, drivers' decoding, site physics of the
-//! simulator) and an I/O shell (Modbus links, the poller, the HTTP API).
+//! A cycle in five lines: `io` reads every device through its link; `drivers` decode the
+//! registers into readings in our units and signs; `runtime` gathers them with the demand
+//! response in force (`dr`) and the plan in force (`planner`) into a snapshot; the pure
+//! `control::step` turns it into setpoints; `io` writes them, and `web` publishes status and
+//! metrics. The planner, the store's writer and the aggregator link run beside the loop and
+//! are never waited for.
 
-pub mod actuator;
-pub mod api;
 pub mod clock;
 pub mod config;
-pub mod contacts;
 pub mod control;
 pub mod dr;
-pub mod dr_book;
 pub mod drivers;
-pub mod link;
-pub mod metrics;
-pub mod mqtt;
+pub mod io;
 pub mod planner;
-pub mod poll;
-pub mod run;
+pub mod runtime;
 pub mod sim;
 pub mod solar;
-pub mod status;
 pub mod store;
+pub mod web;

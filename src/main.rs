@@ -210,7 +210,7 @@ async fn run(file: &Path, simulate: bool, listen: Option<String>) -> Result<(), 
         config.meters.len(),
         config.control.cycle_ms
     );
-    site_ems::run::serve(config, listener, clock, shutdown_signal())
+    site_ems::runtime::serve(config, listener, clock, shutdown_signal())
         .await
         .map_err(|e| format!("api server failed: {e}"))
 }

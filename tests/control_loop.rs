@@ -287,9 +287,9 @@ async fn clean_shutdown_hands_units_back_their_own_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_range_requests_are_clamped_before_the_wire() {
-    use site_ems::actuator::Actuator;
     use site_ems::drivers::saj::Command;
-    use site_ems::link::Link;
+    use site_ems::io::actuation::Actuator;
+    use site_ems::io::link::Link;
     use std::sync::Arc;
 
     let config = demo();

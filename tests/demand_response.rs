@@ -48,7 +48,6 @@ async fn post_and_watch(
     l.ems
         .dr_book()
         .lock()
-        .unwrap()
         .add(event("e1", now, command))
         .unwrap();
     let t0 = l.t_s;

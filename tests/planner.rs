@@ -319,6 +319,11 @@ async fn the_ems_records_site_history_as_it_runs() {
     });
     let mut l = ClosedLoop::start(c).await.unwrap();
     l.run(185.0, |_, _| {}).await;
+    // Rows reach the file through the store's writer thread.
+    l.ems
+        .flush_store(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
     let store = site_ems::store::Store::open(&path).unwrap();
     let rows = store.count().unwrap();
     assert!((2..=4).contains(&rows), "one row a minute: {rows}");

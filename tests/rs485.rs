@@ -136,7 +136,7 @@ async fn closed_loop_at_9600_baud_load_drop_back_under_limit_within_5_s() {
     let sim = site_ems::sim::SimSite::start_with(&c, None, &rtu)
         .await
         .unwrap();
-    let (ems, _api) = site_ems::run::Ems::new(sim.rewire(&c), sim.clock());
+    let (ems, _api) = site_ems::runtime::Ems::new(sim.rewire(&c), sim.clock());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // Real time: the EMS's cycle includes the real wire time of every RTU transaction.
     let ems = tokio::spawn(ems.run(async move {

@@ -182,7 +182,8 @@ pub struct ContactsConfig {
 }
 
 impl ContactsConfig {
-    /// The block of inputs to read: every configured address.
+    /// The block of inputs to read: every configured address. `None` when there are none,
+    /// or when they span more than one read can hold (validation refuses that).
     pub fn span(&self) -> Option<(u16, u16)> {
         let all: Vec<u16> = self
             .drm_inputs
@@ -193,7 +194,20 @@ impl ContactsConfig {
             .collect();
         let lo = *all.iter().min()?;
         let hi = *all.iter().max()?;
-        Some((lo, hi - lo + 1))
+        let count = u16::try_from(u32::from(hi) - u32::from(lo) + 1).ok()?;
+        Some((lo, count))
+    }
+
+    /// The inputs span more than `most` addresses.
+    pub fn spans_more_than(&self, most: u32) -> bool {
+        let all = self
+            .drm_inputs
+            .iter()
+            .flatten()
+            .chain(self.ripple_inputs.iter().flatten())
+            .map(|a| u32::from(*a));
+        let (lo, hi) = all.fold((u32::MAX, 0), |(lo, hi), a| (lo.min(a), hi.max(a)));
+        lo <= hi && hi - lo + 1 > most
     }
 }
 
@@ -349,6 +363,14 @@ pub struct ControlConfig {
     /// Setpoint changes smaller than this are not sent (stops hunting and flash wear).
     #[serde(default = "default_deadband_w")]
     pub deadband_w: f64,
+    /// A grid meter whose readings stay identical this long while the fleet's output
+    /// changes is frozen (a gateway repeating its cache) and counts as lost.
+    #[serde(default = "default_frozen_after_s")]
+    pub frozen_after_s: f64,
+}
+
+fn default_frozen_after_s() -> f64 {
+    10.0
 }
 
 fn default_grid_margin_w() -> f64 {
@@ -380,6 +402,7 @@ impl Default for ControlConfig {
             grid_margin_w: default_grid_margin_w(),
             ramp_pct_per_s: default_ramp_pct_per_s(),
             deadband_w: default_deadband_w(),
+            frozen_after_s: default_frozen_after_s(),
         }
     }
 }

@@ -58,27 +58,145 @@ pub fn validate(c: &SiteConfig, locator: &Locator, file: &str) -> Vec<ConfigErro
     topology(c, &mut r);
     planner(c, &mut r);
     dr(c, &mut r);
+    simulation(c, &mut r);
+    fail_safe_budget(c, &mut r);
     r.errors
 }
 
+/// A number that must be finite and within `lo..=hi`: NaN and infinities fail every range.
+fn in_range(r: &mut Report, at: Vec<PathSeg>, name: &str, v: f64, lo: f64, hi: f64, hint: &str) {
+    if !(v.is_finite() && (lo..=hi).contains(&v)) {
+        r.err(at, format!("{name} {v} is outside {lo}–{hi}"), hint);
+    }
+}
+
+/// G100: export back under the limit within 5 s of the meter's last good reading. The worst
+/// case is the fail-safe delay, plus the cycle that notices it, plus a read that waits for
+/// its whole timeout first.
+const FAIL_SAFE_BUDGET_S: f64 = 5.0;
+
+fn fail_safe_budget(c: &SiteConfig, r: &mut Report) {
+    let Some(meter) = c.grid_meter() else {
+        return;
+    };
+    let timeout_s = c
+        .link(&meter.link)
+        .map_or(0.0, |l| l.timeout_ms() as f64 / 1000.0);
+    let cycle_s = c.control.cycle_ms as f64 / 1000.0;
+    let worst = c.control.fail_safe_after_s + cycle_s + timeout_s;
+    if worst > FAIL_SAFE_BUDGET_S + 1e-9 {
+        r.err(
+            path!["control", "fail_safe_after_s"],
+            format!(
+                "a lost grid meter could go unanswered for {worst:.2} s (fail_safe_after_s {} + cycle {cycle_s} s + meter link timeout {timeout_s} s), more than {FAIL_SAFE_BUDGET_S} s",
+                c.control.fail_safe_after_s
+            ),
+            "lower fail_safe_after_s, control.cycle_ms or the meter link's timeout_ms so they add up to 5 s at most",
+        );
+    }
+}
+
+fn simulation(c: &SiteConfig, r: &mut Report) {
+    let s = &c.simulation;
+    for (field, v, lo, hi) in [
+        ("time_factor", s.time_factor, 0.0, 10_000.0),
+        ("base_load_w", s.base_load_w, 0.0, 1.0e7),
+        ("peak_load_w", s.peak_load_w, 0.0, 1.0e7),
+        ("load_noise_pct", s.load_noise_pct, 0.0, 100.0),
+        ("pv_peak_ratio", s.pv_peak_ratio, 0.0, 10.0),
+        ("ac_pv_peak_w", s.ac_pv_peak_w, 0.0, 1.0e7),
+        ("initial_soc_pct", s.initial_soc_pct, 0.0, 100.0),
+        ("ramp_pct_per_s", s.ramp_pct_per_s, 0.0, 1000.0),
+    ] {
+        in_range(
+            r,
+            path!["simulation", field],
+            field,
+            v,
+            lo,
+            hi,
+            "give a finite value in the range shown",
+        );
+    }
+    for (k, v) in s.load_phase_shares.iter().enumerate() {
+        in_range(
+            r,
+            path!["simulation", "load_phase_shares", k],
+            "a load phase share",
+            *v,
+            0.0,
+            1.0,
+            "give each phase's share of the load, 0–1",
+        );
+    }
+}
+
+fn level_limits(r: &mut Report, at: Vec<PathSeg>, l: &crate::dr::LevelLimits) {
+    for (field, v) in [
+        ("export_limit_w", l.export_limit_w),
+        ("import_limit_w", l.import_limit_w),
+    ] {
+        if let Some(v) = v {
+            let mut p = at.clone();
+            p.push(PathSeg::Key(field.into()));
+            in_range(
+                r,
+                p,
+                field,
+                v,
+                0.0,
+                1.0e7,
+                "give a power between 0 and 10 000 000 W",
+            );
+        }
+    }
+}
+
 fn dr(c: &SiteConfig, r: &mut Report) {
-    let Some(k) = c.dr.as_ref().and_then(|d| d.contacts.as_ref()) else {
+    let Some(d) = &c.dr else {
+        return;
+    };
+    for (k, l) in d.openadr_levels.iter().enumerate() {
+        level_limits(r, path!["dr", "openadr_levels", k], l);
+    }
+    if let Some(m) = &d.mqtt {
+        in_range(
+            r,
+            path!["dr", "mqtt", "heartbeat_s"],
+            "heartbeat_s",
+            m.heartbeat_s,
+            1.0,
+            86_400.0,
+            "give the seconds the link may be down before the fallback applies, e.g. 60",
+        );
+        in_range(
+            r,
+            path!["dr", "mqtt", "telemetry_s"],
+            "telemetry_s",
+            m.telemetry_s,
+            0.1,
+            86_400.0,
+            "give the seconds between telemetry messages, e.g. 10",
+        );
+        level_limits(r, path!["dr", "mqtt", "fallback"], &m.fallback);
+    }
+    let Some(k) = d.contacts.as_ref() else {
         return;
     };
     link_ref_ok(c, r, path!["dr", "contacts", "link"], &k.link);
     unit_id_ok(r, path!["dr", "contacts", "unit_id"], k.unit_id);
-    match k.span() {
-        None => r.err(
+    if k.drm_inputs.is_none() && k.ripple_inputs.is_none() {
+        r.err(
             path!["dr", "contacts"],
             "the contact module has no inputs",
             "give `drm_inputs` (9 addresses) and/or `ripple_inputs` (4)",
-        ),
-        Some((_, n)) if n > 2000 => r.err(
+        );
+    } else if k.spans_more_than(2000) {
+        r.err(
             path!["dr", "contacts"],
             "contact addresses span more than 2000 inputs",
             "keep them within one FC02 read",
-        ),
-        _ => {}
+        );
     }
 }
 
@@ -140,6 +258,69 @@ fn planner(c: &SiteConfig, r: &mut Report) {
                     }
                 }
             }
+        }
+    }
+    for (field, v, lo, hi) in [
+        (
+            "cycling_cost_per_kwh",
+            Some(p.cycling_cost_per_kwh),
+            0.0,
+            100.0,
+        ),
+        (
+            "soc_penalty_per_kwh",
+            Some(p.soc_penalty_per_kwh),
+            0.0,
+            1.0e6,
+        ),
+        (
+            "terminal_value_per_kwh",
+            p.terminal_value_per_kwh,
+            -100.0,
+            100.0,
+        ),
+    ] {
+        if let Some(v) = v {
+            in_range(
+                r,
+                path!["planner", field],
+                field,
+                v,
+                lo,
+                hi,
+                "give a finite price per kWh",
+            );
+        }
+    }
+    if let Some(w) = p.pv_forecast.peak_w {
+        in_range(
+            r,
+            path!["planner", "pv_forecast", "peak_w"],
+            "peak_w",
+            w,
+            0.0,
+            1.0e7,
+            "give the PV array's peak AC power in W",
+        );
+    }
+    for (field, src) in [
+        ("import_price", &p.import_price),
+        ("export_price", &p.export_price),
+    ] {
+        let Some(t) = &src.tou else { continue };
+        let price = "give a finite price per kWh (negative is allowed)";
+        in_range(
+            r,
+            path!["planner", field, "tou", "default"],
+            "price",
+            t.default,
+            -100.0,
+            100.0,
+            price,
+        );
+        for (i, per) in t.periods.iter().enumerate() {
+            let at = path!["planner", field, "tou", "periods", i, "price"];
+            in_range(r, at, "price", per.price, -100.0, 100.0, price);
         }
     }
     if p.pv_forecast.peak_w.is_some() == p.pv_forecast.csv.is_some() {
@@ -364,8 +545,15 @@ fn control_and_mode(c: &SiteConfig, r: &mut Report) {
             5000.0,
             "use 50 (the default) or 0–5000 W",
         ),
+        (
+            "frozen_after_s",
+            c.control.frozen_after_s,
+            2.0,
+            600.0,
+            "use 10 (the default) or 2–600 s",
+        ),
     ] {
-        if !(lo..=hi).contains(&v) {
+        if !(v.is_finite() && (lo..=hi).contains(&v)) {
             r.err(
                 path!["control", field],
                 format!("{field} {v} is outside {lo}–{hi}"),
@@ -392,7 +580,7 @@ fn control_and_mode(c: &SiteConfig, r: &mut Report) {
             }
         }
         if let Some(pw) = p.power_w {
-            if pw.is_nan() || pw <= 0.0 {
+            if !(pw.is_finite() && pw > 0.0) {
                 r.err(
                     path!["working_mode", "periods", i, "power_w"],
                     format!("period power {pw} W must be positive"),
@@ -700,10 +888,10 @@ fn inverters(c: &SiteConfig, r: &mut Report) {
             ("max_charge_w", b.max_charge_w),
             ("max_discharge_w", b.max_discharge_w),
         ] {
-            if v.is_nan() || v <= 0.0 {
+            if !(v.is_finite() && v > 0.0 && v <= 1.0e9) {
                 r.err(
                     bat(field),
-                    format!("{field} must be positive, not {v}"),
+                    format!("{field} must be positive and finite, not {v}"),
                     "give the battery's rating from its datasheet",
                 );
             }

@@ -11,6 +11,7 @@ pub mod chart;
 pub mod inputs;
 mod lp;
 pub mod series;
+pub mod task;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -126,8 +127,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Battery targets (+ discharge) per battery for the step containing `t`.
-    pub fn targets_at(&self, t: DateTime<Utc>) -> Option<Vec<f64>> {
+    /// The step containing `t`.
+    pub fn step_at(&self, t: DateTime<Utc>) -> Option<&PlanStep> {
         let first = DateTime::parse_from_rfc3339(&self.steps.first()?.start)
             .ok()?
             .with_timezone(&Utc);
@@ -135,7 +136,12 @@ impl Plan {
         if k < 0.0 {
             return None;
         }
-        let step = self.steps.get(k as usize)?;
+        self.steps.get(k as usize)
+    }
+
+    /// Battery targets (+ discharge) per battery for the step containing `t`.
+    pub fn targets_at(&self, t: DateTime<Utc>) -> Option<Vec<f64>> {
+        let step = self.step_at(t)?;
         Some(step.batteries.iter().map(|b| b.power_w).collect())
     }
 }

@@ -1,9 +1,14 @@
 //! The EMS and a simulated site in lock-step over real Modbus TCP, for closed-loop tests
 //! and benchmarks: simulated time advances in physics ticks and the EMS runs one full cycle
 //! (read, decide, write) per control period, so a simulated day takes minutes, not a day.
+//!
+//! The time the EMS spends in a cycle counts: while a cycle runs, site time runs with the
+//! wall clock (every read and write lands on the site as it is at that moment), and the
+//! next tick starts from there. A loop that stalls — on a solve, a disk, a device that does
+//! not answer — lets the site drift for as long, and the tests see the excursion.
 
 use crate::config::SiteConfig;
-use crate::run::Ems;
+use crate::runtime::{Ems, EmsOptions};
 use crate::sim::physics::SiteModel;
 use crate::sim::SimSite;
 
@@ -13,6 +18,7 @@ pub struct ClosedLoop {
     pub t_s: f64,
     cycle_s: f64,
     next_cycle_s: f64,
+    cycle_spent_s: Vec<f64>,
 }
 
 pub const TICK_S: f64 = 0.1;
@@ -28,26 +34,54 @@ impl ClosedLoop {
         config: SiteConfig,
         rtu: &std::collections::HashMap<String, std::path::PathBuf>,
     ) -> std::io::Result<ClosedLoop> {
+        ClosedLoop::start_full(config, rtu, EmsOptions::default()).await
+    }
+
+    /// As [`ClosedLoop::start`], with options for the EMS.
+    pub async fn start_options(
+        config: SiteConfig,
+        options: EmsOptions,
+    ) -> std::io::Result<ClosedLoop> {
+        ClosedLoop::start_full(config, &std::collections::HashMap::new(), options).await
+    }
+
+    async fn start_full(
+        config: SiteConfig,
+        rtu: &std::collections::HashMap<String, std::path::PathBuf>,
+        options: EmsOptions,
+    ) -> std::io::Result<ClosedLoop> {
         let sim = SimSite::start_with(&config, None, rtu).await?;
         sim.set_paused(true);
-        let (ems, _api) = Ems::new(sim.rewire(&config), sim.clock());
+        let (ems, _api) = Ems::with_options(sim.rewire(&config), sim.clock(), options);
         Ok(ClosedLoop {
             sim,
             ems,
             t_s: 0.0,
             cycle_s: config.control.cycle_ms as f64 / 1000.0,
             next_cycle_s: 0.0,
+            cycle_spent_s: Vec::new(),
         })
     }
 
-    /// One physics tick, and an EMS cycle when one is due.
+    /// One physics tick, and an EMS cycle when one is due. Site time runs with the wall
+    /// clock for as long as the cycle takes; a cycle that overruns its period starts the
+    /// next one at once.
     pub async fn tick(&mut self) {
         self.sim.advance(TICK_S);
         self.t_s += TICK_S;
         if self.t_s + 1e-9 >= self.next_cycle_s {
+            self.sim.run_in_real_time();
             self.ems.cycle().await;
-            self.next_cycle_s += self.cycle_s;
+            let spent_s = self.sim.freeze();
+            self.t_s += spent_s;
+            self.cycle_spent_s.push(spent_s);
+            self.next_cycle_s = (self.next_cycle_s + self.cycle_s).max(self.t_s);
         }
+    }
+
+    /// Site seconds each cycle so far took (its reads, writes and anything it awaited).
+    pub fn cycle_times_s(&self) -> &[f64] {
+        &self.cycle_spent_s
     }
 
     /// Run for `seconds` of site time, calling `watch` after every tick.

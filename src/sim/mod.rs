@@ -82,6 +82,9 @@ pub enum Behaviour {
     Exception(u8),
     /// Answers reads with 0xFFFF in every register.
     Garbage,
+    /// Answers every read with the values it had when it froze (a gateway serving its
+    /// cache after losing the device behind it).
+    Frozen,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +111,8 @@ pub(crate) struct Device {
     unplugged: bool,
     /// Discrete inputs (contact modules).
     inputs: Vec<bool>,
+    /// What a frozen device keeps serving.
+    frozen: Option<registers::Image>,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
 }
@@ -123,6 +128,9 @@ pub struct WriteRecord {
 
 pub(crate) struct World {
     model: SiteModel,
+    /// Lock-step harnesses let time run as on the wall clock while the EMS works: since this
+    /// instant, from this model time.
+    real_time_since: Option<(std::time::Instant, chrono::DateTime<chrono::Utc>)>,
     writes: Vec<WriteRecord>,
     started: chrono::DateTime<chrono::Utc>,
     devices: Vec<Device>,
@@ -179,6 +187,7 @@ impl SimSite {
                 rtu: rtu.contains_key(&m.link),
                 unplugged: false,
                 inputs: Vec::new(),
+                frozen: None,
                 behaviour: Behaviour::Normal,
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 stop: None,
@@ -193,6 +202,7 @@ impl SimSite {
                 rtu: rtu.contains_key(&inv.link),
                 unplugged: false,
                 inputs: Vec::new(),
+                frozen: None,
                 behaviour: Behaviour::Normal,
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 stop: None,
@@ -207,6 +217,7 @@ impl SimSite {
                 rtu: rtu.contains_key(&k.link),
                 unplugged: false,
                 inputs: vec![false; usize::from(k.span().map_or(0, |(lo, n)| lo + n))],
+                frozen: None,
                 behaviour: Behaviour::Normal,
                 addr: SocketAddr::from(([127, 0, 0, 1], 0)),
                 stop: None,
@@ -214,6 +225,7 @@ impl SimSite {
         }
         let model = SiteModel::new(config);
         let world = Arc::new(Mutex::new(World {
+            real_time_since: None,
             started: model.now,
             model,
             writes: Vec::new(),
@@ -319,9 +331,31 @@ impl SimSite {
     }
 
     pub fn set_behaviour(&self, id: &str, behaviour: Behaviour) {
-        if let Some(d) = lock(&self.world).devices.iter_mut().find(|d| d.id == id) {
+        let mut w = lock(&self.world);
+        let w = &mut *w;
+        if let Some(d) = w.devices.iter_mut().find(|d| d.id == id) {
             d.behaviour = behaviour;
+            d.frozen = (behaviour == Behaviour::Frozen).then(|| image(&w.model, d.kind, d.unit));
         }
+    }
+
+    /// Let simulated time run with the wall clock (while paused), so that whatever the EMS
+    /// awaits — reads, writes, a stall — takes site time too. See [`SimSite::freeze`].
+    pub fn run_in_real_time(&self) {
+        let mut w = lock(&self.world);
+        let now = w.model.now;
+        w.real_time_since = Some((std::time::Instant::now(), now));
+    }
+
+    /// Stop the wall clock's run: bring the physics up to now and hold it. Returns the site
+    /// seconds that passed since [`SimSite::run_in_real_time`].
+    pub fn freeze(&self) -> f64 {
+        let mut w = lock(&self.world);
+        catch_up(&mut w);
+        let Some((_, from)) = w.real_time_since.take() else {
+            return 0.0;
+        };
+        (w.model.now - from).num_microseconds().unwrap_or(0) as f64 / 1e6
     }
 
     /// Stop or resume simulated time.
@@ -429,11 +463,32 @@ struct SimClock(Arc<Mutex<World>>);
 
 impl Clock for SimClock {
     fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        lock(&self.0).model.now
+        let mut w = lock(&self.0);
+        catch_up(&mut w);
+        w.model.now
     }
     fn monotonic(&self) -> Duration {
-        let w = lock(&self.0);
+        let mut w = lock(&self.0);
+        catch_up(&mut w);
         (w.model.now - w.started).to_std().unwrap_or_default()
+    }
+}
+
+/// While time runs with the wall clock, step the physics up to the wall clock's time, so a
+/// write lands on the site as it is when the write arrives.
+fn catch_up(w: &mut World) {
+    let Some((since, from)) = w.real_time_since else {
+        return;
+    };
+    let target = from + chrono::Duration::from_std(since.elapsed()).unwrap_or_default();
+    let tick = TICK.as_secs_f64();
+    loop {
+        let left = (target - w.model.now).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        // Sub-millisecond steps change nothing a test can see.
+        if left < 1e-3 {
+            return;
+        }
+        w.model.step(left.min(tick));
     }
 }
 
@@ -512,7 +567,7 @@ impl tokio_modbus::server::Service for DeviceService {
                 match dev.behaviour {
                     Behaviour::Silent => return Box::pin(std::future::pending()),
                     Behaviour::Exception(code) => Err(ExceptionCode::new(code)),
-                    Behaviour::Normal | Behaviour::Garbage => {
+                    Behaviour::Normal | Behaviour::Garbage | Behaviour::Frozen => {
                         let garbage = dev.behaviour == Behaviour::Garbage;
                         respond(w, self.index, req.request, garbage)
                     }
@@ -539,8 +594,10 @@ pub(crate) fn respond(
             .collect(),
         _ => Vec::new(),
     };
+    catch_up(w);
     let dev = &w.devices[index];
     let (kind, unit, id) = (dev.kind, dev.unit, dev.id.clone());
+    let frozen = dev.frozen.clone();
     let result = match (kind, &request) {
         (Kind::Contacts, Request::ReadDiscreteInputs(start, count)) => {
             let bits: Option<Vec<bool>> = (0..*count)
@@ -550,7 +607,7 @@ pub(crate) fn respond(
                 .ok_or(ExceptionCode::IllegalDataAddress)
         }
         (Kind::Contacts, _) => Err(ExceptionCode::IllegalFunction),
-        _ => handle(&mut w.model, kind, unit, request, garbage),
+        _ => handle(&mut w.model, kind, unit, request, garbage, frozen),
     };
     for (addr, value) in written {
         w.writes.push(WriteRecord {
@@ -563,18 +620,24 @@ pub(crate) fn respond(
     result
 }
 
+/// A device's registers as the physics has them now.
+fn image(model: &SiteModel, kind: Kind, unit: u8) -> registers::Image {
+    match kind {
+        Kind::Inverter(i) => registers::inverter_image(model, &model.inverters[i], i),
+        Kind::Meter { model: mm, role } => registers::meter_image(model, mm, role, unit),
+        Kind::Contacts => registers::Image::default(),
+    }
+}
+
 fn handle(
     model: &mut SiteModel,
     kind: Kind,
     unit: u8,
     request: Request<'static>,
     garbage: bool,
+    frozen: Option<registers::Image>,
 ) -> Result<Response, ExceptionCode> {
-    let image = || match kind {
-        Kind::Inverter(i) => registers::inverter_image(model, &model.inverters[i], i),
-        Kind::Meter { model: mm, role } => registers::meter_image(model, mm, role, unit),
-        Kind::Contacts => registers::Image::default(),
-    };
+    let image = || frozen.clone().unwrap_or_else(|| image(model, kind, unit));
     let read = |start: u16, count: u16| {
         let words = image().read(start, count)?;
         Ok(if garbage {

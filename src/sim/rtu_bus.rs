@@ -11,7 +11,7 @@ use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 
 use super::{lock, respond, Behaviour, World};
-use crate::link::{inter_frame_gap, rtu_frame_bytes, Frame};
+use crate::io::link::{inter_frame_gap, rtu_frame_bytes, Frame};
 
 /// How long after the request starts the answer is complete: both frames at 11 bits a
 /// character and the silence that ends the request. The silence after the answer is the
@@ -148,7 +148,9 @@ impl tokio_modbus::server::Service for BusService {
                         Ok(r) => Answer::Corrupt(r),
                         Err(e) => Answer::Reply(Err(e)),
                     },
-                    Behaviour::Normal => Answer::Reply(respond(&mut w, i, req.request, false)),
+                    Behaviour::Normal | Behaviour::Frozen => {
+                        Answer::Reply(respond(&mut w, i, req.request, false))
+                    }
                 },
             }
         };

@@ -34,7 +34,7 @@ impl Harness {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let ems = tokio::spawn(site_ems::run::serve(
+        let ems = tokio::spawn(site_ems::runtime::serve(
             ems_config,
             listener,
             sim.clock(),

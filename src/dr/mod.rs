@@ -1,8 +1,14 @@
 //! Demand response: aggregator events, AS/NZS 4777 DRM0–DRM8 and German ripple-control steps,
 //! resolved into one set of constraints the guard loop enforces on the whole fleet.
 //!
-//! Pure: events in, constraints out. Overlapping events resolve by priority, then by the
-//! stricter limit.
+//! This module is pure: events in, constraints out. Overlapping events resolve by priority,
+//! then by the stricter limit. Around it: [`book`] keeps the accepted events (in memory for
+//! the guard loop, on disk through the store), [`wire`] is the request form aggregators
+//! send, and [`mqtt`] is the link to an aggregator's broker.
+
+pub mod book;
+pub mod mqtt;
+pub mod wire;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -10,8 +10,8 @@ use crate::config::{InverterConfig, MeterConfig};
 use crate::drivers::chint::{self, decode_energy, decode_instant, role_sign};
 use crate::drivers::saj::{self, Identity, Nameplate};
 use crate::drivers::{InverterReading, MeterEnergy, MeterReading, ReadBlock, Table};
-use crate::link::{Link, LinkError};
-use crate::metrics::Metrics;
+use crate::io::link::{Link, LinkError};
+use crate::io::IoObserver;
 
 /// Consecutive failures before a device is polled less often.
 const BACKOFF_AFTER: u32 = 3;
@@ -32,15 +32,25 @@ enum PollError {
     Decode(#[from] crate::drivers::DecodeError),
 }
 
+impl PollError {
+    /// Bounded name of the reason, for status.
+    fn kind(&self) -> &'static str {
+        match self {
+            PollError::Link(e) => e.kind(),
+            PollError::Decode(_) => "decode",
+        }
+    }
+}
+
 /// Answers that arrived but made no sense count as decode errors (the link counts the rest).
 fn count_decode_error<T>(
     result: &Result<T, PollError>,
-    metrics: Option<&Metrics>,
+    observer: Option<&dyn IoObserver>,
     link: &str,
     device: &str,
 ) {
-    if let (Err(PollError::Decode(_)), Some(m)) = (result, metrics) {
-        m.record_decode_error(link, device);
+    if let (Err(PollError::Decode(_)), Some(m)) = (result, observer) {
+        m.decode_error(link, device);
     }
 }
 
@@ -49,6 +59,8 @@ fn count_decode_error<T>(
 pub struct Freshness {
     pub last_ok: Option<Duration>,
     pub last_error: Option<String>,
+    /// The kind of the last failure: `timeout`, `exception`, `connect`, `transport`, `decode`.
+    pub last_error_kind: Option<&'static str>,
     pub failures: u32,
     retry_at: Option<Duration>,
 }
@@ -75,6 +87,7 @@ impl Freshness {
             }
             Err(why) => {
                 tracing::debug!(device, "poll failed: {why}");
+                self.last_error_kind = Some(why.kind());
                 self.fail(now, why.to_string(), cycle);
                 false
             }
@@ -84,6 +97,7 @@ impl Freshness {
     fn ok(&mut self, now: Duration) {
         self.last_ok = Some(now);
         self.last_error = None;
+        self.last_error_kind = None;
         self.failures = 0;
         self.retry_at = None;
     }
@@ -104,6 +118,55 @@ impl Freshness {
     pub fn is_fresh(&self, now: Duration, stale_after: Duration) -> bool {
         self.age(now).is_some_and(|a| a <= stale_after)
     }
+
+    /// Why the device is not fresh: the last failure's kind, or `never_read`.
+    pub fn stale_reason(&self) -> &'static str {
+        match (self.last_error_kind, self.last_ok) {
+            (Some(kind), _) => kind,
+            (None, None) => "never_read",
+            (None, Some(_)) => "old",
+        }
+    }
+}
+
+/// A meter that keeps serving the same values — a gateway repeating its cache — while the
+/// fleet's measured output moves underneath it. Grid power is load minus generation, so a
+/// change in generation that never shows at the meter means the meter is not measuring.
+#[derive(Debug, Clone, Default)]
+pub struct FrozenWatch {
+    last: Option<MeterReading>,
+    /// When the current run of identical readings began.
+    since: Option<Duration>,
+    /// The fleet's AC output, lowest and highest, during that run.
+    fleet_lo_w: f64,
+    fleet_hi_w: f64,
+}
+
+impl FrozenWatch {
+    /// After a poll that returned `reading` at `now`, with the fleet's measured AC output.
+    pub fn observe(&mut self, now: Duration, reading: &MeterReading, fleet_ac_w: f64) {
+        if self.last.as_ref() == Some(reading) {
+            self.fleet_lo_w = self.fleet_lo_w.min(fleet_ac_w);
+            self.fleet_hi_w = self.fleet_hi_w.max(fleet_ac_w);
+            return;
+        }
+        self.last = Some(reading.clone());
+        self.since = Some(now);
+        self.fleet_lo_w = fleet_ac_w;
+        self.fleet_hi_w = fleet_ac_w;
+    }
+
+    /// Identical readings for at least `after` while the fleet's output moved by
+    /// `min_change_w` or more.
+    pub fn frozen(&self, now: Duration, after: Duration, min_change_w: f64) -> bool {
+        self.since.is_some_and(|t| now.saturating_sub(t) >= after)
+            && self.fleet_hi_w - self.fleet_lo_w >= min_change_w
+    }
+
+    /// How long the readings have been identical.
+    pub fn unchanged_for(&self, now: Duration) -> Duration {
+        self.since.map_or(Duration::ZERO, |t| now.saturating_sub(t))
+    }
 }
 
 pub struct InverterPoller {
@@ -117,7 +180,7 @@ pub struct InverterPoller {
     /// Read only the power totals each cycle (RS485, where wire time is precious).
     lean: bool,
     status_read_at: Option<Duration>,
-    metrics: Option<Arc<Metrics>>,
+    observer: Option<Arc<dyn IoObserver>>,
     pub fresh: Freshness,
 }
 
@@ -137,14 +200,14 @@ impl InverterPoller {
             identity_read_at: None,
             lean,
             status_read_at: None,
-            metrics: None,
+            observer: None,
             fresh: Freshness::default(),
         }
     }
 
-    /// Count undecodable answers in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
+    /// Report undecodable answers to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn IoObserver>) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -185,7 +248,7 @@ impl InverterPoller {
         }
         count_decode_error(
             &result,
-            self.metrics.as_deref(),
+            self.observer.as_deref(),
             self.link.name(),
             &self.device,
         );
@@ -216,7 +279,7 @@ pub struct MeterPoller {
     energy_read_at: Option<Duration>,
     pub reading: Option<MeterReading>,
     pub energy: Option<MeterEnergy>,
-    metrics: Option<Arc<Metrics>>,
+    observer: Option<Arc<dyn IoObserver>>,
     pub fresh: Freshness,
 }
 
@@ -231,14 +294,14 @@ impl MeterPoller {
             energy_read_at: None,
             reading: None,
             energy: None,
-            metrics: None,
+            observer: None,
             fresh: Freshness::default(),
         }
     }
 
-    /// Count undecodable answers in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
+    /// Report undecodable answers to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn IoObserver>) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -280,7 +343,7 @@ impl MeterPoller {
         });
         count_decode_error(
             &result,
-            self.metrics.as_deref(),
+            self.observer.as_deref(),
             self.link.name(),
             &self.device,
         );

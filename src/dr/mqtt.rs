@@ -10,9 +10,19 @@ use rumqttc::{
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::api::{EventRequest, Published};
 use crate::config::MqttConfig;
-use crate::dr_book::{Ack, DrBook};
+use crate::dr::book::{Ack, SharedBook};
+use crate::dr::wire::EventRequest;
+
+/// What the site tells its aggregator every `telemetry_s`: the loop publishes it each cycle.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Telemetry {
+    pub time: String,
+    pub grid_power_w: Option<f64>,
+    pub fleet_soc_pct: Option<f64>,
+    pub export_limit_w: Option<f64>,
+    pub dr: crate::dr::DrConstraints,
+}
 
 /// Whether the broker is reachable, and since when it is not.
 #[derive(Debug, Default)]
@@ -82,9 +92,9 @@ fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, String> {
 /// Run the link until the process ends: reconnects by itself.
 pub fn spawn(
     cfg: MqttConfig,
-    book: Arc<Mutex<DrBook>>,
+    book: SharedBook,
     mut acks: mpsc::UnboundedReceiver<Ack>,
-    mut status: watch::Receiver<Option<Published>>,
+    mut telemetry_rx: watch::Receiver<Option<Telemetry>>,
     state: Arc<Mutex<LinkState>>,
 ) {
     let topics = Topics::new(&cfg.topic_prefix);
@@ -97,6 +107,19 @@ pub fn spawn(
         }
     };
     state.lock().unwrap_or_else(|e| e.into_inner()).down_since = Some(Instant::now());
+    // Incoming events wait for the store; they are handled in order by a task of their own
+    // so the event loop keeps polling meanwhile.
+    let (inbox, mut inbox_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (reject_tx, mut reject_rx) = mpsc::unbounded_channel::<Ack>();
+    tokio::spawn(async move {
+        while let Some(payload) = inbox_rx.recv().await {
+            if let Some(ack) = receive(&book, &payload).await {
+                if reject_tx.send(ack).is_err() {
+                    return;
+                }
+            }
+        }
+    });
     tokio::spawn(async move {
         let (client, mut eventloop) = AsyncClient::new(opts, 256);
         let mut telemetry =
@@ -115,9 +138,7 @@ pub fn spawn(
                         let _ = client.publish(&topics.status, QoS::AtLeastOnce, true, "online").await;
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topics.events => {
-                        if let Some(ack) = receive(&book, &p.payload) {
-                            publish_ack(&client, &topics, &ack).await;
-                        }
+                        let _ = inbox.send(p.payload.to_vec());
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -134,14 +155,12 @@ pub fn spawn(
                     }
                 },
                 Some(ack) = acks.recv() => publish_ack(&client, &topics, &ack).await,
+                Some(ack) = reject_rx.recv() => publish_ack(&client, &topics, &ack).await,
                 _ = telemetry.tick() => {
-                    let body = status.borrow_and_update().as_ref().map(|p| serde_json::json!({
-                        "time": p.status.time,
-                        "grid_power_w": p.status.grid.power_w,
-                        "fleet_soc_pct": p.status.fleet.soc_pct,
-                        "export_limit": p.status.export_limit,
-                        "dr": p.status.dr.as_ref().map(|d| &d.constraints),
-                    }).to_string());
+                    let body = telemetry_rx
+                        .borrow_and_update()
+                        .as_ref()
+                        .and_then(|t| serde_json::to_string(t).ok());
                     let connected = state.lock().unwrap_or_else(|e| e.into_inner()).connected;
                     if let (Some(body), true) = (body, connected) {
                         let _ = client.publish(&topics.telemetry, QoS::AtMostOnce, false, body).await;
@@ -161,8 +180,8 @@ async fn publish_ack(client: &AsyncClient, topics: &Topics, ack: &Ack) {
 }
 
 /// An event or a cancel from the events topic. Returns an ack for input the book never saw
-/// (unreadable JSON); the book acknowledges everything else itself.
-fn receive(book: &Mutex<DrBook>, payload: &[u8]) -> Option<Ack> {
+/// (unreadable JSON, an unknown id to cancel); the book acknowledges everything else itself.
+async fn receive(book: &SharedBook, payload: &[u8]) -> Option<Ack> {
     let rejected = |id: String, reason: String| Ack {
         id,
         status: "rejected".into(),
@@ -171,7 +190,7 @@ fn receive(book: &Mutex<DrBook>, payload: &[u8]) -> Option<Ack> {
     };
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) {
         if let Some(id) = v.get("cancel").and_then(|c| c.as_str()) {
-            let r = book.lock().unwrap_or_else(|e| e.into_inner()).cancel(id);
+            let r = book.cancel(id).await;
             return r.err().map(|e| rejected(id.to_string(), e.to_string()));
         }
     }
@@ -191,6 +210,6 @@ fn receive(book: &Mutex<DrBook>, payload: &[u8]) -> Option<Ack> {
         Err(why) => return Some(rejected(id, why)),
     };
     // The book acks accepted and refused events alike.
-    let _ = book.lock().unwrap_or_else(|e| e.into_inner()).add(event);
+    let _ = book.submit(event).await;
     None
 }

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::config::ContactsConfig;
+use crate::dr::book::SharedBook;
 use crate::dr::{DrCommand, DrEvent};
-use crate::dr_book::DrBook;
 use crate::drivers::ReadBlock;
-use crate::link::Link;
+use crate::io::link::Link;
 
 /// Ripple-control steps, in the order of `ripple_inputs`.
 pub const RIPPLE_STEPS: [f64; 4] = [100.0, 60.0, 30.0, 0.0];
@@ -41,7 +41,7 @@ impl Contacts {
 
     /// Read the contacts; record ripple pulses in `book`. If the module does not answer,
     /// the last known DRM contacts stay in force.
-    pub async fn poll(&mut self, now: DateTime<Utc>, book: &std::sync::Mutex<DrBook>) {
+    pub async fn poll(&mut self, now: DateTime<Utc>, book: &SharedBook) {
         let Some((start, count)) = self.cfg.span() else {
             return;
         };
@@ -78,15 +78,7 @@ impl Contacts {
         }
     }
 
-    fn latch(&self, pct: f64, now: DateTime<Utc>, book: &std::sync::Mutex<DrBook>) {
-        let mut book = book.lock().unwrap_or_else(|e| e.into_inner());
-        for old in book
-            .list()
-            .into_iter()
-            .filter(|e| e.event.source == "ripple")
-        {
-            let _ = book.cancel(&old.event.id);
-        }
+    fn latch(&self, pct: f64, now: DateTime<Utc>, book: &SharedBook) {
         let event = DrEvent {
             id: format!("ripple-{pct:.0}-{}", now.timestamp_millis()),
             start: now,
@@ -95,7 +87,7 @@ impl Contacts {
             command: DrCommand::RipplePct(pct),
             source: "ripple".into(),
         };
-        if let Err(e) = book.add(event) {
+        if let Err(e) = book.latch(event) {
             tracing::error!("ripple-control step {pct} % not latched: {e}");
         }
     }

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::config::{MeterRole, Phase, SiteConfig};
 use crate::control::{Decision, Setpoint};
 use crate::drivers::{PhaseAc, WorkingState};
-use crate::poll::{Freshness, InverterPoller, MeterPoller};
+use crate::io::poll::{Freshness, InverterPoller, MeterPoller};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -50,6 +50,9 @@ pub struct GridStatus {
     pub frequency_hz: Option<f64>,
     pub health: Health,
     pub age_s: Option<f64>,
+    /// Why the grid reading is not used: `frozen`, `timeout`, `exception`, `connect`,
+    /// `transport`, `decode`, `old`, `never_read`; `null` while healthy.
+    pub reason: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -90,6 +93,8 @@ pub struct MeterStatus {
     pub health: Health,
     pub age_s: Option<f64>,
     pub error: Option<String>,
+    /// Why the meter is not healthy (as for the grid); `null` while healthy.
+    pub reason: Option<&'static str>,
     /// Grid meter: + import. PV meter: + generation.
     pub power_w: Option<f64>,
     pub phases: Vec<PhaseStatus>,
@@ -145,6 +150,10 @@ pub struct PlanStatus {
     pub import_price: Option<f64>,
     pub export_price: Option<f64>,
     pub battery_w: Option<f64>,
+    /// Solves finished since start (plans and failures).
+    pub solves: u64,
+    /// A solve is under way in the planner's task.
+    pub solving: bool,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -159,12 +168,24 @@ pub struct DrStatus {
     pub fallback: bool,
 }
 
+/// How the guard loop keeps its period.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LoopStatus {
+    pub cycle_ms: u64,
+    /// Duration of the last cycle and the longest since start (read, decide, write, publish).
+    pub last_ms: f64,
+    pub max_ms: f64,
+    /// Cycles that took longer than `cycle_ms`.
+    pub overruns: u64,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Status {
     pub site: String,
     /// Site time (the simulator's under `--simulate`), RFC 3339 UTC.
     pub time: String,
     pub cycle: u64,
+    pub guard_loop: LoopStatus,
     pub working_mode: &'static str,
     pub nominal_voltage_v: f64,
     pub export_limit: LimitStatus,
@@ -176,6 +197,41 @@ pub struct Status {
     pub fleet: FleetStatus,
     pub inverters: Vec<InverterStatus>,
     pub meters: Vec<MeterStatus>,
+}
+
+impl Status {
+    /// The grid meter repeats itself while the fleet moves: show it as lost, values hidden.
+    pub fn mark_grid_frozen(&mut self, unchanged_for: Duration) {
+        let why = format!(
+            "frozen: identical readings for {:.1} s while the fleet's output changed",
+            unchanged_for.as_secs_f64()
+        );
+        let hide = |phases: &mut Vec<PhaseStatus>| {
+            for p in phases.iter_mut() {
+                p.power_w = None;
+                p.current_a = None;
+                p.voltage_v = None;
+            }
+        };
+        let g = &mut self.grid;
+        g.health = Health::Stale;
+        g.reason = Some("frozen");
+        g.power_w = None;
+        g.frequency_hz = None;
+        hide(&mut g.phases);
+        for m in self
+            .meters
+            .iter_mut()
+            .filter(|m| Some(&m.id) == g.meter.as_ref())
+        {
+            m.health = Health::Stale;
+            m.reason = Some("frozen");
+            m.error = Some(why.clone());
+            m.power_w = None;
+            m.frequency_hz = None;
+            hide(&mut m.phases);
+        }
+    }
 }
 
 fn age_s(f: &Freshness, now: Duration) -> Option<f64> {
@@ -213,6 +269,7 @@ fn meter_status(
         health: if fresh { Health::Ok } else { Health::Stale },
         age_s: age_s(&m.fresh, now),
         error: m.fresh.last_error.clone(),
+        reason: (!fresh).then(|| m.fresh.stale_reason()),
         power_w: reading.map(|r| r.power_w),
         phases: phase_status(&c.phases(), reading.map(|r| r.phases.as_slice())),
         frequency_hz: reading.and_then(|r| r.frequency_hz),
@@ -256,6 +313,7 @@ pub fn build(
             frequency_hz: m.frequency_hz,
             health: m.health,
             age_s: m.age_s,
+            reason: m.reason,
         },
         None => GridStatus {
             meter: None,
@@ -264,6 +322,7 @@ pub fn build(
             frequency_hz: None,
             health: Health::Stale,
             age_s: None,
+            reason: Some("never_read"),
         },
     };
 
@@ -346,6 +405,7 @@ pub fn build(
         site: c.site.name.clone(),
         time: time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         cycle,
+        guard_loop: LoopStatus::default(),
         working_mode: c.working_mode.mode.as_str(),
         nominal_voltage_v: c.grid.nominal_voltage_v,
         export_limit: limit(

@@ -11,11 +11,11 @@ use axum::{Json, Router};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::dr::{DrCommand, DrEvent};
-use crate::dr_book::{BookError, DrBook};
-use crate::metrics::Metrics;
+use crate::dr::book::{BookError, SharedBook};
+use crate::dr::wire::EventRequest;
 use crate::planner::Plan;
-use crate::status::Status;
+use crate::web::metrics::Metrics;
+use crate::web::status::Status;
 
 /// The latest status and when the loop published it.
 #[derive(Clone)]
@@ -30,7 +30,7 @@ pub struct Published {
 #[derive(Clone)]
 pub struct AppState {
     pub status: watch::Receiver<Option<Published>>,
-    pub dr: Arc<std::sync::Mutex<DrBook>>,
+    pub dr: SharedBook,
     /// Bearer token for the DR endpoints; `None` turns them off.
     pub dr_token: Option<String>,
     pub metrics: Arc<Metrics>,
@@ -133,67 +133,13 @@ fn refusal(s: &AppState, headers: &HeaderMap) -> Option<Response> {
     }
 }
 
-/// What an aggregator posts: an id, a window, a priority and exactly one command.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EventRequest {
-    pub id: String,
-    pub start: chrono::DateTime<chrono::Utc>,
-    pub end: chrono::DateTime<chrono::Utc>,
-    #[serde(default)]
-    pub priority: i32,
-    #[serde(default)]
-    pub export_limit_w: Option<f64>,
-    #[serde(default)]
-    pub import_limit_w: Option<f64>,
-    #[serde(default)]
-    pub grid_target_w: Option<f64>,
-    #[serde(default)]
-    pub fleet_battery_w: Option<f64>,
-    #[serde(default)]
-    pub drm: Option<u8>,
-    #[serde(default)]
-    pub openadr_level: Option<u8>,
-    #[serde(default)]
-    pub ripple_pct: Option<f64>,
-}
-
-impl EventRequest {
-    /// Into an event from `source`; the message says what is wrong otherwise.
-    pub fn into_event(self, source: &str) -> Result<DrEvent, String> {
-        let commands: Vec<DrCommand> = [
-            self.export_limit_w.map(DrCommand::ExportLimitW),
-            self.import_limit_w.map(DrCommand::ImportLimitW),
-            self.grid_target_w.map(DrCommand::GridTargetW),
-            self.fleet_battery_w.map(DrCommand::FleetBatteryW),
-            self.drm.map(DrCommand::Drm),
-            self.openadr_level.map(DrCommand::OpenadrLevel),
-            self.ripple_pct.map(DrCommand::RipplePct),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let [command] = commands[..] else {
-            return Err("give exactly one of export_limit_w, import_limit_w, grid_target_w, fleet_battery_w, drm, openadr_level, ripple_pct".into());
-        };
-        command.validate()?;
-        Ok(DrEvent {
-            id: self.id,
-            start: self.start,
-            end: self.end,
-            priority: self.priority,
-            command,
-            source: source.into(),
-        })
-    }
-}
-
 fn book_error(e: BookError) -> Response {
     let code = match e {
         BookError::Invalid(_) => StatusCode::BAD_REQUEST,
         BookError::Duplicate(_) => StatusCode::CONFLICT,
         BookError::NotFound(_) => StatusCode::NOT_FOUND,
-        BookError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        // Not on disk means not accepted: the client may try again later.
+        BookError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(code, &e.to_string())
 }
@@ -214,7 +160,7 @@ async fn dr_post(
         Ok(e) => e,
         Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
-    let result = s.dr.lock().unwrap_or_else(|e| e.into_inner()).add(event);
+    let result = s.dr.submit(event).await;
     match result {
         Ok(entry) => (StatusCode::CREATED, Json(entry)).into_response(),
         Err(e) => book_error(e),
@@ -225,7 +171,7 @@ async fn dr_list(State(s): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(r) = refusal(&s, &headers) {
         return r;
     }
-    let list = s.dr.lock().unwrap_or_else(|e| e.into_inner()).list();
+    let list = s.dr.lock().list();
     Json(list).into_response()
 }
 
@@ -237,7 +183,7 @@ async fn dr_delete(
     if let Some(r) = refusal(&s, &headers) {
         return r;
     }
-    let result = s.dr.lock().unwrap_or_else(|e| e.into_inner()).cancel(&id);
+    let result = s.dr.cancel(&id).await;
     match result {
         Ok(()) => Json(serde_json::json!({ "cancelled": id })).into_response(),
         Err(e) => book_error(e),

@@ -15,7 +15,7 @@ use tokio_modbus::{ExceptionCode, Slave};
 
 use crate::config::{LinkConfig, LinkKind, Parity};
 use crate::drivers::{ReadBlock, Table};
-use crate::metrics::Metrics;
+use crate::io::IoObserver;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LinkError {
@@ -76,11 +76,11 @@ pub struct Link {
 
 impl Link {
     /// Start the task for `cfg`. It runs until every handle is dropped.
-    pub fn spawn(cfg: &LinkConfig, metrics: Option<Arc<Metrics>>) -> Link {
+    pub fn spawn(cfg: &LinkConfig, observer: Option<Arc<dyn IoObserver>>) -> Link {
         let (tx, rx) = mpsc::channel(64);
         let name: Arc<str> = Arc::from(cfg.name.as_str());
         let wire_ns = Arc::new(AtomicU64::new(0));
-        tokio::spawn(run(cfg.clone(), rx, metrics, wire_ns.clone()));
+        tokio::spawn(run(cfg.clone(), rx, observer, wire_ns.clone()));
         Link { name, tx, wire_ns }
     }
 
@@ -229,7 +229,7 @@ async fn execute(ctx: &mut Context, op: Op) -> tokio_modbus::Result<Vec<u16>> {
 async fn run(
     cfg: LinkConfig,
     mut rx: mpsc::Receiver<Job>,
-    metrics: Option<Arc<Metrics>>,
+    observer: Option<Arc<dyn IoObserver>>,
     wire_ns: Arc<AtomicU64>,
 ) {
     let request_timeout = Duration::from_millis(cfg.timeout_ms());
@@ -276,8 +276,13 @@ async fn run(
                 }
             }
         };
-        if let Some(m) = &metrics {
-            m.record_request(&cfg.name, &job.device, &result, started.elapsed());
+        if let Some(o) = &observer {
+            o.request(
+                &cfg.name,
+                &job.device,
+                result.as_ref().map(|_| ()),
+                started.elapsed(),
+            );
         }
         if let Some(gap) = gap {
             let frame = match job.op {

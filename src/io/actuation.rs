@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::drivers::saj::{self, Command};
-use crate::link::{Link, LinkError};
+use crate::io::link::{Link, LinkError};
 
 pub struct Actuator {
     device: Arc<str>,

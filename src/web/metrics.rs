@@ -12,8 +12,8 @@ use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
-use crate::link::LinkError;
-use crate::status::{Health, Status};
+use crate::io::link::LinkError;
+use crate::web::status::{Health, Status};
 
 /// Error kinds every device's counter starts at zero for, so a healthy site shows 0 errors
 /// rather than no data.
@@ -45,6 +45,7 @@ pub struct Metrics {
     modbus_exceptions: IntCounterVec,
     modbus_latency: HistogramVec,
     cycle_duration: HistogramVec,
+    cycle_overruns: IntCounterVec,
     plan_solve: GaugeVec,
     plan_objective: GaugeVec,
     plan_cost: GaugeVec,
@@ -135,6 +136,7 @@ impl Metrics {
                 &[],
                 vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
             ),
+            cycle_overruns: counter(&r, "ems_cycle_overruns_total", "Cycles that took longer than the control period.", &[]),
             plan_solve: gauge(&r, "ems_plan_solve_seconds", "Time the last successful plan took to solve.", &[]),
             plan_objective: gauge(&r, "ems_plan_objective", "The LP objective of the plan in force (cost, cycling and SOC penalties, less the value of energy left).", &[]),
             plan_cost: gauge(&r, "ems_plan_cost", "Energy cost of the plan in force over its horizon, in the tariff's currency.", &[]),
@@ -160,11 +162,11 @@ impl Metrics {
         }
     }
 
-    pub fn record_request<T>(
+    pub fn record_request(
         &self,
         link: &str,
         device: &str,
-        result: &Result<T, LinkError>,
+        result: Result<(), &LinkError>,
         took: Duration,
     ) {
         self.modbus_requests
@@ -179,7 +181,7 @@ impl Metrics {
                 self.modbus_errors
                     .with_label_values(&[link, device, e.kind()])
                     .inc();
-                if let LinkError::Exception(code) = e {
+                if let LinkError::Exception(code) = *e {
                     let code = format!("{code:#04x}");
                     self.modbus_exceptions
                         .with_label_values(&[link, device, &code])
@@ -210,7 +212,13 @@ impl Metrics {
         self.dr_acks.with_label_values(&[status]).inc();
     }
 
+    pub fn count_cycle_overrun(&self) {
+        self.cycle_overruns.with_label_values(NO_LABELS).inc();
+    }
+
     pub fn observe_cycle(&self, took: Duration) {
+        // Shown at zero from the first cycle on.
+        self.cycle_overruns.with_label_values(NO_LABELS);
         self.cycle_duration
             .with_label_values(NO_LABELS)
             .observe(took.as_secs_f64());
@@ -343,5 +351,14 @@ fn set_or_clear(g: &GaugeVec, labels: &[&str], v: Option<f64>) {
         None => {
             let _ = g.remove_label_values(labels);
         }
+    }
+}
+
+impl crate::io::IoObserver for Metrics {
+    fn request(&self, link: &str, device: &str, result: Result<(), &LinkError>, took: Duration) {
+        self.record_request(link, device, result, took);
+    }
+    fn decode_error(&self, link: &str, device: &str) {
+        self.record_decode_error(link, device);
     }
 }

@@ -1,0 +1,20 @@
+//! The shell around devices: Modbus links (TCP endpoints and RS485 buses), polling with
+//! freshness, actuation (write order, write-on-change, hand-back) and the DR contact module.
+//! Everything here does I/O; what it decodes and decides is in `drivers` and `control`.
+
+pub mod actuation;
+pub mod contacts;
+pub mod link;
+pub mod poll;
+
+use std::time::Duration;
+
+use link::LinkError;
+
+/// Who hears about every Modbus transaction and every answer that could not be decoded
+/// (the metrics, in the EMS). The links and pollers report here without knowing who listens,
+/// so the device I/O does not depend on the web layer.
+pub trait IoObserver: Send + Sync {
+    fn request(&self, link: &str, device: &str, result: Result<(), &LinkError>, took: Duration);
+    fn decode_error(&self, link: &str, device: &str);
+}

@@ -1,0 +1,130 @@
+//! The planner off the guard loop: a task that takes plan requests, reads the inputs (CSV
+//! files, the store's history) and solves on a blocking thread, and hands each outcome back
+//! through a watch channel. One solve at a time; requests that arrive meanwhile are merged,
+//! so only the newest is solved next.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
+
+use super::Plan;
+use crate::config::SiteConfig;
+use crate::dr::{DrEvent, LevelLimits};
+use crate::store::Store;
+
+/// What the loop asks for: a plan from `time`, starting at the measured SOC, with the
+/// demand-response events then in the book.
+#[derive(Debug, Clone)]
+pub struct PlanRequest {
+    /// Numbers requests, so the loop knows which one an outcome answers.
+    pub seq: u64,
+    pub time: DateTime<Utc>,
+    pub soc_pct: Vec<f64>,
+    pub dr_events: Arc<[DrEvent]>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlanOutcome {
+    pub seq: u64,
+    pub result: Result<Arc<Plan>, String>,
+}
+
+/// The loop's end of the planner task.
+pub struct PlannerHandle {
+    requests: mpsc::UnboundedSender<PlanRequest>,
+    pub outcomes: watch::Receiver<Option<PlanOutcome>>,
+}
+
+impl PlannerHandle {
+    /// Ask for a plan; never waits.
+    pub fn request(&self, r: PlanRequest) {
+        if self.requests.send(r).is_err() {
+            tracing::error!("the planner task has stopped");
+        }
+    }
+}
+
+/// Start the planner task for `config` (which must have a `planner:` section). `delay` is
+/// added to every solve: tests use it to stand for a slow solve.
+pub fn spawn(config: SiteConfig, delay: Duration) -> PlannerHandle {
+    let (requests, mut rx) = mpsc::unbounded_channel::<PlanRequest>();
+    let (tx, outcomes) = watch::channel(None);
+    let config = Arc::new(config);
+    tokio::spawn(async move {
+        while let Some(mut request) = rx.recv().await {
+            // Only the newest request matters.
+            while let Ok(newer) = rx.try_recv() {
+                request = newer;
+            }
+            let seq = request.seq;
+            let config = config.clone();
+            let solved = tokio::task::spawn_blocking(move || {
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
+                }
+                plan(&config, &request)
+            })
+            .await;
+            let result = match solved {
+                Ok(r) => r.map(Arc::new),
+                Err(e) => Err(format!("the planner thread failed: {e}")),
+            };
+            if tx.send(Some(PlanOutcome { seq, result })).is_err() {
+                return;
+            }
+        }
+    });
+    PlannerHandle { requests, outcomes }
+}
+
+/// One plan, inputs read here (files, history), off the loop.
+fn plan(config: &SiteConfig, r: &PlanRequest) -> Result<Plan, String> {
+    let p = config
+        .planner
+        .as_ref()
+        .ok_or("the site file has no planner")?;
+    let store = match &config.store {
+        Some(s) => Some(
+            Store::open(&PathBuf::from(&s.path))
+                .map_err(|e| format!("cannot read the store {}: {e}", s.path))?,
+        ),
+        None => None,
+    };
+    let mut inputs = super::inputs::from_config(
+        config,
+        p,
+        r.time,
+        &r.soc_pct,
+        &Default::default(),
+        store.as_ref(),
+    )?;
+    inputs.dr_limits_w = dr_step_limits(config, &r.dr_events, &inputs);
+    super::solve(&inputs).map_err(|e| e.to_string())
+}
+
+/// Export and import limits that demand-response events put on each planning step.
+pub fn dr_step_limits(
+    config: &SiteConfig,
+    events: &[DrEvent],
+    inputs: &super::PlanInputs,
+) -> Vec<(Option<f64>, Option<f64>)> {
+    if events.is_empty() {
+        return Vec::new();
+    }
+    let fleet_rated_w: f64 = config.inverters.iter().map(|i| i.rated_power_w).sum();
+    let levels: [LevelLimits; 4] = config
+        .dr
+        .as_ref()
+        .map(|d| d.openadr_levels)
+        .unwrap_or_default();
+    (0..inputs.steps())
+        .map(|k| {
+            let t = inputs.start + chrono::Duration::seconds((k as f64 * inputs.step_s) as i64);
+            let c = crate::dr::resolve(events, t, fleet_rated_w, &levels);
+            (c.export_limit_w, c.import_limit_w)
+        })
+        .collect()
+}

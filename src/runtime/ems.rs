@@ -1,0 +1,350 @@
+//! The guard loop: one cycle reads every device, decides, writes the setpoints and
+//! publishes — nothing else. Plans arrive from the planner's task, demand-response events
+//! from the book in memory, and history rows leave through the store's writer; none of them
+//! is waited for here.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::demand::{Demand, MqttSide};
+use super::devices::Devices;
+use super::planning::Planning;
+use crate::clock::Clock;
+use crate::config::{MeterRole, SiteConfig};
+use crate::control::{self, ControlParams, ControlState, Decision};
+use crate::dr::book::{DrBook, SharedBook};
+use crate::dr::mqtt::Telemetry;
+use crate::planner::Plan;
+use crate::store::writer::Writer;
+use crate::store::{MinuteAverage, Store};
+use crate::web::api::{AppState, Published};
+use crate::web::metrics::Metrics;
+use crate::web::status::{self, LoopStatus};
+
+/// Choices that are not in the site file.
+#[derive(Debug, Clone, Default)]
+pub struct EmsOptions {
+    /// Added to every plan solve: lets tests stand for a slow solve.
+    pub plan_delay: Duration,
+}
+
+/// History: one row a minute, averaged here, written by the store's writer.
+struct History {
+    minute: MinuteAverage,
+    writer: Writer,
+}
+
+/// What the loop publishes and how long its cycles take.
+struct Outputs {
+    metrics: Arc<Metrics>,
+    publish: watch::Sender<Option<Published>>,
+    telemetry: watch::Sender<Option<Telemetry>>,
+    cycle: u64,
+    stats: LoopStatus,
+}
+
+pub struct Ems {
+    config: SiteConfig,
+    clock: Arc<dyn Clock>,
+    devices: Devices,
+    params: ControlParams,
+    state: ControlState,
+    decision: Option<Decision>,
+    /// Plan-mode targets per inverter set from outside (tests), used when there is no planner.
+    plan_override: Option<Vec<Option<f64>>>,
+    /// Plan mode had a fresh plan's targets this cycle.
+    following_plan: bool,
+    planning: Option<Planning>,
+    demand: Demand,
+    history: Option<History>,
+    writer: Option<Writer>,
+    out: Outputs,
+}
+
+/// The DR book as stored, read before the first cycle so that events in force after a
+/// restart are enforced before anything is written.
+fn load_book(config: &SiteConfig) -> DrBook {
+    let Some(s) = &config.store else {
+        return DrBook::default();
+    };
+    match Store::open(std::path::Path::new(&s.path)).and_then(|st| st.dr_events()) {
+        Ok(rows) => DrBook::from_stored(rows),
+        Err(e) => {
+            tracing::error!(
+                "cannot read the DR book in {}: {e}; no stored event is in force",
+                s.path
+            );
+            DrBook::default()
+        }
+    }
+}
+
+impl Ems {
+    /// Build links, pollers, the planner task, the store writer and the MQTT link for
+    /// `config`. Must run inside a tokio runtime.
+    pub fn new(config: SiteConfig, clock: Arc<dyn Clock>) -> (Ems, AppState) {
+        Ems::with_options(config, clock, EmsOptions::default())
+    }
+
+    pub fn with_options(
+        config: SiteConfig,
+        clock: Arc<dyn Clock>,
+        options: EmsOptions,
+    ) -> (Ems, AppState) {
+        let metrics = Arc::new(Metrics::new(&config.site.name));
+        for m in &config.meters {
+            metrics.register_device(&m.link, &m.id);
+        }
+        for i in &config.inverters {
+            metrics.register_device(&i.link, &i.id);
+        }
+        let devices = Devices::new(&config, metrics.clone());
+        let writer = config
+            .store
+            .as_ref()
+            .map(|s| Writer::start(std::path::Path::new(&s.path)));
+        let book = SharedBook::new(load_book(&config), writer.clone());
+        let (publish, status_rx) = watch::channel(None);
+        let (telemetry, telemetry_rx) = watch::channel(None);
+        let mqtt = config.dr.as_ref().and_then(|d| d.mqtt.clone()).map(|m| {
+            let state = Arc::new(std::sync::Mutex::new(crate::dr::mqtt::LinkState::default()));
+            let (acks, ack_rx) = tokio::sync::mpsc::unbounded_channel();
+            crate::dr::mqtt::spawn(m.clone(), book.clone(), ack_rx, telemetry_rx, state.clone());
+            MqttSide {
+                state,
+                acks,
+                heartbeat: Duration::from_secs_f64(m.heartbeat_s),
+                fallback: m.fallback,
+            }
+        });
+        let planning = config.planner.clone().map(|p| {
+            let handle = crate::planner::task::spawn(config.clone(), options.plan_delay);
+            Planning::new(p, config.working_mode.mode, handle)
+        });
+        let cycle = Duration::from_millis(config.control.cycle_ms);
+        let app = AppState {
+            status: status_rx,
+            dr: book.clone(),
+            dr_token: config.dr.as_ref().and_then(|d| d.token()),
+            metrics: metrics.clone(),
+            max_silence: (cycle * 5).max(Duration::from_secs(5)),
+        };
+        let ems = Ems {
+            demand: Demand::new(&config, book, mqtt),
+            history: writer.clone().map(|writer| History {
+                minute: MinuteAverage::default(),
+                writer,
+            }),
+            writer,
+            planning,
+            devices,
+            params: ControlParams::from_config(&config),
+            state: ControlState::default(),
+            decision: None,
+            plan_override: None,
+            following_plan: false,
+            out: Outputs {
+                metrics,
+                publish,
+                telemetry,
+                cycle: 0,
+                stats: LoopStatus {
+                    cycle_ms: config.control.cycle_ms,
+                    ..Default::default()
+                },
+            },
+            clock,
+            config,
+        };
+        (ems, app)
+    }
+
+    /// The demand-response event book (shared with the API).
+    pub fn dr_book(&self) -> SharedBook {
+        self.demand.book.clone()
+    }
+
+    /// The status published by the last cycle.
+    pub fn status(&self) -> Option<Arc<status::Status>> {
+        self.out.publish.borrow().as_ref().map(|p| p.status.clone())
+    }
+
+    /// Wire time spent so far on each RTU link.
+    pub fn wire_times(&self) -> Vec<(String, Duration)> {
+        self.devices
+            .links
+            .iter()
+            .map(|l| (l.name().to_string(), l.wire_time()))
+            .collect()
+    }
+
+    /// Targets for plan mode (+ discharge per inverter, config order) on a site without a
+    /// planner; `None` means self-consumption.
+    pub fn set_plan(&mut self, plan: Option<Vec<Option<f64>>>) {
+        self.plan_override = plan;
+    }
+
+    pub fn last_decision(&self) -> Option<&Decision> {
+        self.decision.as_ref()
+    }
+
+    /// The plan in force, if fresh.
+    pub fn current_plan(&self) -> Option<Arc<Plan>> {
+        let now = self.clock.monotonic();
+        self.planning.as_ref()?.fresh_plan(now).cloned()
+    }
+
+    /// Wait until everything handed to the store so far is on disk (tests, shutdown).
+    pub async fn flush_store(&self, within: Duration) -> Result<(), String> {
+        match &self.writer {
+            Some(w) => w.flush(within).await,
+            None => Ok(()),
+        }
+    }
+
+    /// One cycle: poll every device (links in parallel), decide, write, publish.
+    pub async fn cycle(&mut self) {
+        let started = Instant::now();
+        let period = Duration::from_millis(self.config.control.cycle_ms);
+        let polled_at = self.clock.monotonic();
+        let wall = self.clock.now();
+        self.devices
+            .poll(polled_at, period, wall, &self.demand.book)
+            .await;
+        // Decisions use the time after the reads: a slow read makes readings older.
+        let now = self.clock.monotonic();
+        let time = self.clock.now();
+        let contact_events = self.devices.contact_events(time);
+        let dr = self
+            .demand
+            .cycle(time, contact_events, &self.out.metrics)
+            .clone();
+        let plan = match self.planning.as_mut() {
+            Some(p) => {
+                let devices = &self.devices;
+                p.cycle(
+                    now,
+                    time,
+                    || devices.soc_pct(),
+                    self.demand.book_state(),
+                    &self.out.metrics,
+                )
+            }
+            None => self.plan_override.clone(),
+        };
+        self.following_plan = self.planning.is_some() && plan.is_some();
+        let (grid, units) = self.devices.readings(now);
+        let snapshot = control::Snapshot {
+            time,
+            mono_s: now.as_secs_f64(),
+            grid,
+            units,
+            plan,
+            dr,
+        };
+        let (decision, state) = control::step(&self.params, &snapshot, &self.state);
+        self.state = state;
+        self.devices.actuate(&decision).await;
+        self.decision = Some(decision);
+        self.publish(now, time, started);
+    }
+
+    /// Status, metrics, telemetry and history for this cycle.
+    fn publish(&mut self, now: Duration, time: chrono::DateTime<chrono::Utc>, started: Instant) {
+        self.out.cycle += 1;
+        let mut status = status::build(
+            &self.config,
+            &self.devices.meters,
+            &self.devices.inverters,
+            self.decision.as_ref(),
+            now,
+            time,
+            self.out.cycle,
+        );
+        if self.devices.grid_frozen(now) {
+            status.mark_grid_frozen(self.devices.grid_unchanged_for(now));
+        }
+        let following = self.following_plan;
+        status.plan = self
+            .planning
+            .as_ref()
+            .map(|p| p.status(now, time, following));
+        status.dr = Some(self.demand.status());
+        self.record_history(&status, time);
+        let took = started.elapsed();
+        let stats = &mut self.out.stats;
+        stats.last_ms = took.as_secs_f64() * 1000.0;
+        stats.max_ms = stats.max_ms.max(stats.last_ms);
+        if took > Duration::from_millis(stats.cycle_ms) {
+            stats.overruns += 1;
+            self.out.metrics.count_cycle_overrun();
+        }
+        status.guard_loop = stats.clone();
+        self.out.metrics.observe(&status);
+        self.out.metrics.observe_cycle(took);
+        self.out.telemetry.send_replace(Some(Telemetry {
+            time: status.time.clone(),
+            grid_power_w: status.grid.power_w,
+            fleet_soc_pct: status.fleet.soc_pct,
+            export_limit_w: status.export_limit.limit_w,
+            dr: self.demand.constraints().clone(),
+        }));
+        let plan = self
+            .planning
+            .as_ref()
+            .and_then(|p| p.fresh_plan(now).cloned());
+        self.out.publish.send_replace(Some(Published {
+            plan,
+            planner: self.planning.is_some(),
+            status: Arc::new(status),
+            at: Instant::now(),
+        }));
+    }
+
+    /// One value a cycle towards the minute's history row, while the grid meter is fresh.
+    fn record_history(&mut self, s: &status::Status, time: chrono::DateTime<chrono::Utc>) {
+        let Some(h) = self.history.as_mut() else {
+            return;
+        };
+        let Some(grid) = s.grid.power_w else {
+            return;
+        };
+        let pv_meter: f64 = s
+            .meters
+            .iter()
+            .filter(|m| m.role == MeterRole::Pv.as_str())
+            .filter_map(|m| m.power_w)
+            .sum();
+        let load = grid + s.fleet.ac_power_w + pv_meter;
+        let pv = s.fleet.pv_power_w + pv_meter;
+        if let Some((minute, values)) = h.minute.add(time, [load.max(0.0), pv.max(0.0), grid]) {
+            h.writer.sample(minute, values);
+        }
+    }
+
+    /// Give every unit we took over back its own settings.
+    pub async fn restore(&mut self) {
+        self.devices.restore().await;
+    }
+
+    /// Cycle until `shutdown` resolves, then hand the units back and write what is queued.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(self.config.control.cycle_ms));
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tick.tick() => self.cycle().await,
+            }
+        }
+        self.restore().await;
+        if let Err(e) = self.flush_store(Duration::from_secs(5)).await {
+            tracing::warn!("{e}");
+        }
+    }
+}

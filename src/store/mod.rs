@@ -1,0 +1,158 @@
+//! The embedded store: one SQLite file with the site's history — one row a minute of load,
+//! PV and grid power, from which the planner forecasts load (same weekday, same time, over
+//! the last weeks) — and the demand-response event book.
+//!
+//! Writes go through [`writer::Writer`], a thread of its own that owns the only writing
+//! connection: the guard loop hands it rows and never waits on the disk, and a file held
+//! locked by another process delays the rows instead of the loop. Readers (the planner's
+//! history queries, the book loaded at start) open their own connections; in WAL mode they
+//! are not blocked by the writer.
+
+pub mod history;
+pub mod writer;
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection};
+
+pub use history::MinuteAverage;
+
+/// Tables of the store. Created by whoever opens the file first.
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS samples (
+        minute INTEGER PRIMARY KEY,  -- unix seconds, start of the minute (UTC)
+        load_w REAL NOT NULL,
+        pv_w REAL NOT NULL,
+        grid_w REAL NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS dr_events (
+        id TEXT PRIMARY KEY,
+        event TEXT NOT NULL,   -- the event as JSON
+        state TEXT NOT NULL
+    );";
+
+/// Open `path` for reading and writing, with the schema in place. A busy file is waited on
+/// for `busy` at most per statement.
+fn open_connection(path: &Path, busy: Duration) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(busy)?;
+    // WAL: readers never wait for the writer. FULL: a commit is on disk when it returns,
+    // which is what "accepted" promises for a demand-response event.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// One minute of the site, averaged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample {
+    pub minute: DateTime<Utc>,
+    pub load_w: f64,
+    pub pv_w: f64,
+    pub grid_w: f64,
+}
+
+/// A demand-response event as stored: its JSON and its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub id: String,
+    pub json: String,
+    pub state: String,
+}
+
+/// A connection for reading (and for direct writes by tools and tests, never by the EMS
+/// while it runs: that is the writer's job).
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> rusqlite::Result<Store> {
+        Ok(Store {
+            conn: open_connection(path, Duration::from_secs(5))?,
+        })
+    }
+
+    /// Write a sample directly (imports, tests).
+    pub fn insert(&self, s: Sample) -> rusqlite::Result<()> {
+        write_sample(
+            &self.conn,
+            s.minute.timestamp(),
+            [s.load_w, s.pv_w, s.grid_w],
+        )
+    }
+
+    pub fn count(&self) -> rusqlite::Result<i64> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM samples", [], |r| r.get(0))
+    }
+
+    /// Mean load over `[start, start + len)` on each of the `weeks` weeks before `start`
+    /// (same weekday, same time), and how many samples that mean is made of.
+    pub fn load_history(
+        &self,
+        start: DateTime<Utc>,
+        len_s: i64,
+        weeks: u32,
+    ) -> rusqlite::Result<(Option<f64>, u32)> {
+        let mut sum = 0.0;
+        let mut n = 0u32;
+        let mut q = self
+            .conn
+            .prepare_cached("SELECT load_w FROM samples WHERE minute >= ?1 AND minute < ?2")?;
+        for w in 1..=i64::from(weeks) {
+            let from = start.timestamp() - w * 7 * 86_400;
+            let rows = q.query_map(params![from, from + len_s], |r| r.get::<_, f64>(0))?;
+            for v in rows {
+                sum += v?;
+                n += 1;
+            }
+        }
+        Ok(((n > 0).then(|| sum / f64::from(n)), n))
+    }
+
+    /// Every demand-response event ever stored: ids are unique for ever, so the book needs
+    /// them all to refuse a repeat, and the ones not over yet to enforce them.
+    pub fn dr_events(&self) -> rusqlite::Result<Vec<StoredEvent>> {
+        let mut q = self
+            .conn
+            .prepare("SELECT id, event, state FROM dr_events ORDER BY rowid")?;
+        let rows = q.query_map([], |r| {
+            Ok(StoredEvent {
+                id: r.get(0)?,
+                json: r.get(1)?,
+                state: r.get(2)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// The state of one stored event, if any.
+    pub fn dr_event_state(&self, id: &str) -> rusqlite::Result<Option<String>> {
+        let mut q = self
+            .conn
+            .prepare("SELECT state FROM dr_events WHERE id = ?1")?;
+        let mut rows = q.query_map(params![id], |r| r.get(0))?;
+        rows.next().transpose()
+    }
+}
+
+fn write_sample(conn: &Connection, minute: i64, v: [f64; 3]) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO samples (minute, load_w, pv_w, grid_w) VALUES (?1, ?2, ?3, ?4)",
+        params![minute, v[0], v[1], v[2]],
+    )?;
+    Ok(())
+}
+
+fn write_dr_event(conn: &Connection, e: &StoredEvent) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO dr_events (id, event, state) VALUES (?1, ?2, ?3)
+         ON CONFLICT(id) DO UPDATE SET event = excluded.event, state = excluded.state",
+        params![e.id, e.json, e.state],
+    )?;
+    Ok(())
+}
