@@ -279,3 +279,242 @@ fn load_forecast_sources_are_checked_in_the_site_file() {
         .iter()
         .any(|e| e.message.contains("load_forecast needs")));
 }
+
+/// `text` with `{v}` replaced by `v` and its line marked `# here`.
+fn mark(text: &str, v: &str) -> String {
+    text.lines()
+        .map(|l| {
+            if l.contains("{v}") {
+                format!("{} # here\n", l.replace("{v}", v))
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect()
+}
+
+/// A planner section with `{v}` in place of `field`'s value.
+fn planner_with(field: &str) -> String {
+    let v = |name: &str, good: &str| {
+        if name == field {
+            "{v}".to_string()
+        } else {
+            good.to_string()
+        }
+    };
+    let profile = if field == "profile_w" {
+        format!("[{{v}}, {}]", ["1000"; 23].join(", "))
+    } else {
+        format!("[{}]", ["1000"; 24].join(", "))
+    };
+    format!(
+        "planner:\n  horizon_h: {}\n  replan_min: {}\n  solve_time_limit_s: {}\n  cycling_cost_per_kwh: {}\n  soc_penalty_per_kwh: {}\n  terminal_value_per_kwh: {}\n  import_price:\n    tou:\n      default: {}\n      periods:\n        - {{ start: \"00:30\", end: \"04:30\", price: {} }}\n  export_price:\n    tou: {{ default: 0.1 }}\n  pv_forecast:\n    peak_w: {}\n  load_forecast:\n    profile_w: {profile}\n",
+        v("horizon_h", "24"),
+        v("replan_min", "15"),
+        v("solve_time_limit_s", "5"),
+        v("cycling_cost_per_kwh", "0.01"),
+        v("soc_penalty_per_kwh", "1"),
+        v("terminal_value_per_kwh", "0.1"),
+        v("default", "0.3"),
+        v("price", "0.08"),
+        v("peak_w", "10000"),
+    )
+}
+
+#[test]
+fn nan_infinity_and_out_of_range_numbers_are_refused_where_they_stand() {
+    let base = format!("{BASE}{}", inverter("a", "lan1", 1, "saj-h2"));
+    let appended = |section: String| {
+        let base = base.clone();
+        move |v: &str| mark(&format!("{base}{section}"), v)
+    };
+    // (what, how to put a value in the file, a value out of range)
+    type Make = Box<dyn Fn(&str) -> String>;
+    let mut cases: Vec<(String, Make, &str)> = Vec::new();
+    for (field, oor) in [
+        ("fail_safe_after_s", "9"),
+        ("stale_after_s", "0"),
+        ("grid_margin_w", "-1"),
+        ("ramp_pct_per_s", "0"),
+        ("deadband_w", "99999"),
+        ("frozen_after_s", "1"),
+    ] {
+        cases.push((
+            format!("control.{field}"),
+            Box::new(appended(format!("control:\n  {field}: {{v}}\n"))),
+            oor,
+        ));
+    }
+    for (field, oor) in [
+        ("time_factor", "-1"),
+        ("base_load_w", "-1"),
+        ("peak_load_w", "-5"),
+        ("load_noise_pct", "500"),
+        ("pv_peak_ratio", "-1"),
+        ("ac_pv_peak_w", "-1"),
+        ("initial_soc_pct", "101"),
+        ("ramp_pct_per_s", "-2"),
+    ] {
+        cases.push((
+            format!("simulation.{field}"),
+            Box::new(appended(format!("simulation:\n  {field}: {{v}}\n"))),
+            oor,
+        ));
+    }
+    cases.push((
+        "simulation.load_phase_shares".into(),
+        Box::new(appended(
+            "simulation:\n  load_phase_shares: [{v}, 0.3, 0.3]\n".into(),
+        )),
+        "-0.5",
+    ));
+    for (field, oor) in [
+        ("heartbeat_s", "0"),
+        ("telemetry_s", "-1"),
+        ("fallback: { export_limit_w", "-1"),
+    ] {
+        let close = if field.contains('{') { " }" } else { "" };
+        cases.push((
+            format!("dr.mqtt.{field}"),
+            Box::new(appended(format!(
+                "dr:\n  mqtt:\n    host: localhost\n    topic_prefix: site\n    {field}: {{v}}{close}\n"
+            ))),
+            oor,
+        ));
+    }
+    cases.push((
+        "dr.openadr_levels".into(),
+        Box::new(appended(
+            "dr:\n  openadr_levels:\n    - { import_limit_w: {v} }\n    - {}\n    - {}\n    - {}\n"
+                .into(),
+        )),
+        "-100",
+    ));
+    for field in [
+        "horizon_h",
+        "replan_min",
+        "solve_time_limit_s",
+        "cycling_cost_per_kwh",
+        "soc_penalty_per_kwh",
+        "terminal_value_per_kwh",
+        "default",
+        "price",
+        "peak_w",
+        "profile_w",
+    ] {
+        let base = base.clone();
+        cases.push((
+            format!("planner.{field}"),
+            Box::new(move |v: &str| mark(&format!("{base}{}", planner_with(field)), v)),
+            "-1e9",
+        ));
+    }
+    let edit = |from: &'static str, to: &'static str| {
+        let base = base.clone();
+        move |v: &str| mark(&base.replacen(from, to, 1), v)
+    };
+    cases.push((
+        "grid.nominal_voltage_v".into(),
+        Box::new(edit(
+            "  phases: 3\nexport",
+            "  phases: 3\n  nominal_voltage_v: {v}\nexport",
+        )),
+        "1000",
+    ));
+    cases.push((
+        "export_limit.limit_w".into(),
+        Box::new(edit("  limit_w: 0", "  limit_w: {v}")),
+        "-5",
+    ));
+    cases.push((
+        "links.gap_ms".into(),
+        Box::new(edit(
+            "    baud: 9600\n",
+            "    baud: 9600\n    gap_ms: {v}\n",
+        )),
+        "5000",
+    ));
+    cases.push((
+        "inverters.rated_power_w".into(),
+        Box::new(edit("rated_power_w: 10000", "rated_power_w: {v}")),
+        "0",
+    ));
+    cases.push((
+        "battery.capacity_wh".into(),
+        Box::new(edit("capacity_wh: 10000", "capacity_wh: {v}")),
+        "-1",
+    ));
+    cases.push((
+        "battery.charge_efficiency".into(),
+        Box::new(edit(
+            "      max_discharge_w: 5000\n",
+            "      max_discharge_w: 5000\n      charge_efficiency: {v}\n",
+        )),
+        "1.5",
+    ));
+    cases.push((
+        "working_mode.reserve_soc_pct".into(),
+        Box::new(appended(
+            "working_mode:\n  mode: backup\n  reserve_soc_pct: {v}\n".into(),
+        )),
+        "101",
+    ));
+    cases.push((
+        "working_mode.periods.power_w".into(),
+        Box::new(appended(
+            "working_mode:\n  mode: time_of_use\n  periods:\n    - { kind: charge, start: \"01:00\", end: \"02:00\", power_w: {v} }\n".into(),
+        )),
+        "-1",
+    ));
+    let mut checked = 0;
+    for (what, make, oor) in &cases {
+        for v in [".nan", ".inf", "-.inf", oor] {
+            let text = make(v);
+            let errs = errors(&text);
+            let line = line_of(&text, "# here");
+            assert!(
+                errs.iter().any(|e| e.line == line && !e.hint.is_empty()),
+                "{what} = {v}: no error at line {line}: {errs:?}\n{text}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4 * 35, "{checked}");
+}
+
+#[test]
+fn contact_addresses_at_both_ends_of_the_range_are_refused_without_overflow() {
+    let text = format!(
+        "{BASE}{}dr:\n  contacts:\n    link: lan1\n    unit_id: 5\n    drm_inputs: [0, 1, 2, 3, 4, 5, 6, 7, 65535]\n",
+        inverter("a", "lan1", 1, "saj-h2")
+    );
+    let errs = errors(&text);
+    assert!(
+        errs.iter()
+            .any(|e| e.message.contains("span more than") && e.line >= line_of(&text, "contacts:")),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_fail_safe_budget_over_5_s_is_refused() {
+    // 4 s + a 2 s cycle + the meter's 1 s RS485 timeout: 7 s without a safe site.
+    let text = format!(
+        "{BASE}{}control:\n  cycle_ms: 2000\n  fail_safe_after_s: 4\n",
+        inverter("a", "lan1", 1, "saj-h2")
+    );
+    let errs = errors(&text);
+    let e = errs
+        .iter()
+        .find(|e| e.message.contains("more than 5 s"))
+        .unwrap_or_else(|| panic!("{errs:?}"));
+    assert_eq!(e.line, line_of(&text, "fail_safe_after_s"));
+    assert!(e.hint.contains("timeout_ms"), "{}", e.hint);
+    // The same with a 1 s cycle and a 0.5 s timeout passes.
+    let ok = format!(
+        "{BASE}{}control:\n  cycle_ms: 1000\n  fail_safe_after_s: 3\n",
+        inverter("a", "lan1", 1, "saj-h2")
+    )
+    .replace("    baud: 9600\n", "    baud: 9600\n    timeout_ms: 500\n");
+    SiteConfig::from_str("site.yaml", &ok).unwrap();
+}
