@@ -299,7 +299,8 @@ async fn meter_fault(behaviour: Behaviour, reason: &str, then: impl FnOnce(&Clos
 
     l.sim.set_behaviour("grid", Behaviour::Normal);
     let deadline = l.t_s + 30.0;
-    while !(l.ems.last_decision().is_some_and(|d| !d.fail_safe) && !safe_state(&l)) {
+    let resumed = |l: &ClosedLoop| l.ems.last_decision().is_some_and(|d| !d.fail_safe);
+    while !resumed(&l) || safe_state(&l) {
         assert!(
             l.t_s < deadline,
             "normal control resumed after the meter came back"
