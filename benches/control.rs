@@ -73,8 +73,7 @@ fn decision_only(iterations: usize) -> serde_json::Value {
                 }),
             })
             .collect(),
-        plan: None,
-        dr: Default::default(),
+        constraints: control::Constraints::gather(&p, &Default::default(), None),
     };
     let state = ControlState::default();
     let t = Instant::now();

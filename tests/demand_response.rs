@@ -106,8 +106,8 @@ async fn drm0_puts_every_inverter_in_standby() {
     .await;
     assert!(after <= 2.0, "standby after {after:.1} s");
     assert_eq!(
-        l.ems.last_decision().unwrap().binding.as_deref(),
-        Some("dr:drm0")
+        l.ems.last_decision().unwrap().binding,
+        Some(site_ems::control::Binding::Standby)
     );
 }
 

@@ -63,6 +63,14 @@ impl Binding {
     pub fn is_export(self) -> bool {
         matches!(self, Binding::ExportTotal | Binding::ExportPhase(_))
     }
+
+    /// The phase that bound, in the per-phase modes.
+    pub fn phase(self) -> Option<Phase> {
+        match self {
+            Binding::ExportPhase(p) | Binding::ImportPhase(p) => Some(p),
+            Binding::ExportTotal | Binding::ImportTotal => None,
+        }
+    }
 }
 
 /// Grid power per phase (+ import) if the controllable units produce what they are set to.

@@ -6,6 +6,7 @@
 //! per-inverter setpoints. Rises ramp; falls apply in the same cycle; a deadband stops
 //! hunting. If the grid meter has been silent too long, every unit goes to the safe state.
 
+pub mod constraints;
 pub mod dispatch;
 pub mod grid_limit;
 pub mod mode;
@@ -15,7 +16,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::Phase;
-use grid_limit::{Allowance, Binding};
+pub use constraints::{Binding, Constraints, FleetTarget, GridCap, Source};
+use grid_limit::Allowance;
 pub use params::{ControlParams, GridLimit, UnitParams};
 
 /// The grid meter's latest good reading.
@@ -61,10 +63,8 @@ pub struct Snapshot {
     pub grid: Option<GridReading>,
     /// One per configured inverter, in config order.
     pub units: Vec<UnitInput>,
-    /// Plan-mode battery targets per unit (+ discharge), when a plan is in force.
-    pub plan: Option<Vec<Option<f64>>>,
-    /// Demand-response constraints in force.
-    pub dr: crate::dr::DrConstraints,
+    /// The limits and targets in force: site, demand response, plan.
+    pub constraints: Constraints,
 }
 
 /// What one inverter is told to do.
@@ -90,8 +90,8 @@ pub struct Decision {
     /// Per unit, in config order; `None` for a unit that cannot be commanded now.
     pub setpoints: Vec<Option<Setpoint>>,
     pub fail_safe: bool,
-    /// The constraint that held the fleet back, e.g. `export_limit:L2`, `soc`, `fail_safe`.
-    pub binding: Option<String>,
+    /// The constraint that held the fleet back (in status: `export_limit:L2`, `soc`, …).
+    pub binding: Option<Binding>,
     /// Behaviour in force: `self_consumption`, `tou_charge`, `backup`, `plan`, `fail_safe`.
     pub active_mode: &'static str,
     pub fleet_target_w: f64,
@@ -156,7 +156,8 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
     let Some(grid) = grid else {
         return fail_safe(p, s);
     };
-    if s.dr.standby {
+    let c = &s.constraints;
+    if c.standby {
         return standby(p, s);
     }
 
@@ -218,10 +219,10 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
                 view.lo = -chg.min(up.rated_w + view.pv_w);
                 view.pv_used_w = view.pv_w;
                 // Demand response: generation and consumption caps per unit (DRM1–3, 5–7).
-                if let Some(pct) = s.dr.generation_pct {
+                if let Some(pct) = c.generation_pct {
                     view.hi = view.hi.min(pct / 100.0 * up.rated_w);
                 }
-                if let Some(pct) = s.dr.consumption_pct {
+                if let Some(pct) = c.consumption_pct {
                     view.lo = view
                         .lo
                         .max(-pct / 100.0 * up.rated_w - view.pv_w)
@@ -240,23 +241,27 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
     let self_use_w = net_w.iter().sum::<f64>() - pv_total;
 
     // Working mode (and plan), unless demand response sets the fleet's target.
-    let mut intent = mode::apply(&p.mode, s.time, &mut units, self_use_w, s.plan.as_deref());
-    if let Some(w) = s.dr.fleet_battery_w {
-        intent = mode::ModeIntent {
-            active: "dr_fleet_battery",
-            fleet_target_w: w,
-            fixed_w: vec![None; units.len()],
-        };
-    } else if let Some(target) = s.dr.grid_target_w {
-        intent = mode::ModeIntent {
-            active: "dr_grid_target",
-            fleet_target_w: self_use_w - target,
-            fixed_w: vec![None; units.len()],
-        };
+    let mut intent = mode::apply(&p.mode, s.time, &mut units, self_use_w, c.plan.as_deref());
+    match c.fleet_target {
+        Some(FleetTarget::BatteryW(w)) => {
+            intent = mode::ModeIntent {
+                active: "dr_fleet_battery",
+                fleet_target_w: w,
+                fixed_w: vec![None; units.len()],
+            }
+        }
+        Some(FleetTarget::GridW(target)) => {
+            intent = mode::ModeIntent {
+                active: "dr_grid_target",
+                fleet_target_w: self_use_w - target,
+                fixed_w: vec![None; units.len()],
+            }
+        }
+        None => {}
     }
     dispatch::share(&mut units, &intent.fixed_w, intent.fleet_target_w);
     let generation_cap = |rated_w: f64| {
-        s.dr.generation_pct
+        c.generation_pct
             .map_or(rated_w, |pct| pct / 100.0 * rated_w)
     };
     for u in units.iter_mut().filter(|u| u.controllable) {
@@ -266,31 +271,12 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             .min((generation_cap(u.rated_w) - u.battery_w).max(0.0));
     }
 
-    // Export and import limits.
-    let export = Allowance::new(p.export, &p.phases, voltage_v, p.margin_w);
-    let mut binding = grid_limit::hold_export(&mut units, net_w, export);
-    if let Some(import) = p.import {
-        let allowance = Allowance::new(import, &p.phases, voltage_v, p.margin_w);
-        let b = grid_limit::hold_import(&mut units, net_w, allowance);
-        binding = binding.or(b);
-    }
-    // Demand-response limits on the whole site narrow further.
-    let mut dr_binding = None;
-    if let Some(w) = s.dr.export_limit_w {
-        if grid_limit::hold_export(&mut units, net_w, Allowance::Total(w - p.margin_w)).is_some() {
-            dr_binding = Some("dr:export_limit".to_string());
-        }
-    }
-    if let Some(w) = s.dr.import_limit_w {
-        if grid_limit::hold_import(&mut units, net_w, Allowance::Total(w - p.margin_w)).is_some() {
-            dr_binding = dr_binding.or(Some("dr:import_limit".to_string()));
-        }
-    }
-    let export_binding =
-        binding.is_some_and(Binding::is_export) || dr_binding.as_deref() == Some("dr:export_limit");
+    // Export and import limits: the site's first, then demand response's on top.
+    let (binding, export_binding) = hold_limits(p, c, &mut units, net_w, voltage_v);
 
     // Output caps: the planned output plus this unit's share of what the limit leaves (or
     // a small probe, so more PV can show itself); exactly the plan while curtailing.
+    let export = Allowance::new(p.export, &p.phases, voltage_v, p.margin_w);
     let residual = grid_limit::residual_share(&units, net_w, export);
     let mut setpoints = vec![None; units.len()];
     let mut curtailed = vec![false; units.len()];
@@ -346,9 +332,7 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
     }
     let predicted_grid_w = grid_limit::predict(&after, net_w);
 
-    let binding = dr_binding
-        .or(binding.map(Binding::label))
-        .or_else(|| soc_bound.then(|| "soc".to_string()));
+    let binding = binding.or(soc_bound.then_some(Binding::Soc));
     let decision = Decision {
         setpoints: setpoints.clone(),
         fail_safe: false,
@@ -364,6 +348,50 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             setpoints,
             curtailed,
         },
+    )
+}
+
+/// Hold every export and import limit in `c` (the site's, then demand response's). Returns
+/// what bound — a demand-response limit before the site's, export before import — and
+/// whether any export limit did.
+fn hold_limits(
+    p: &ControlParams,
+    c: &Constraints,
+    units: &mut [UnitView],
+    net_w: [f64; 3],
+    voltage_v: [f64; 3],
+) -> (Option<Binding>, bool) {
+    let mut held: Vec<Binding> = Vec::new();
+    for source in [Source::Site, Source::DemandResponse] {
+        for cap in c.export.iter().filter(|k| k.source == source) {
+            let a = Allowance::new(cap.limit, &p.phases, voltage_v, p.margin_w);
+            if let Some(b) = grid_limit::hold_export(units, net_w, a) {
+                held.push(Binding::Export {
+                    source,
+                    phase: b.phase(),
+                });
+            }
+        }
+        for cap in c.import.iter().filter(|k| k.source == source) {
+            let a = Allowance::new(cap.limit, &p.phases, voltage_v, p.margin_w);
+            if let Some(b) = grid_limit::hold_import(units, net_w, a) {
+                held.push(Binding::Import {
+                    source,
+                    phase: b.phase(),
+                });
+            }
+        }
+    }
+    let export = held.iter().any(Binding::is_export);
+    let first = |source: Source| {
+        held.iter().copied().find(|b| match b {
+            Binding::Export { source: s, .. } | Binding::Import { source: s, .. } => *s == source,
+            _ => false,
+        })
+    };
+    (
+        first(Source::DemandResponse).or(first(Source::Site)),
+        export,
     )
 }
 
@@ -384,18 +412,22 @@ fn settle(want: f64, before: f64, ramp: f64, deadband: f64, export_binding: bool
 
 /// DRM0: every reachable unit in standby — no battery power, no output.
 fn standby(p: &ControlParams, s: &Snapshot) -> (Decision, ControlState) {
-    hold_all(p, s, false, "dr:drm0", "dr_standby", |_, _| Setpoint {
-        battery_w: 0.0,
-        output_cap_w: 0.0,
+    hold_all(p, s, false, Binding::Standby, "dr_standby", |_, _| {
+        Setpoint {
+            battery_w: 0.0,
+            output_cap_w: 0.0,
+        }
     })
 }
 
 /// Grid meter lost: zero export from every unit that can be reached — no output above zero,
 /// and the battery either idle or soaking up the unit's own PV.
 fn fail_safe(p: &ControlParams, s: &Snapshot) -> (Decision, ControlState) {
-    hold_all(p, s, true, "fail_safe", "fail_safe", |up, r| Setpoint {
-        battery_w: -r.pv_w.max(0.0).min(charge_room(up, r.soc_pct)),
-        output_cap_w: 0.0,
+    hold_all(p, s, true, Binding::FailSafe, "fail_safe", |up, r| {
+        Setpoint {
+            battery_w: -r.pv_w.max(0.0).min(charge_room(up, r.soc_pct)),
+            output_cap_w: 0.0,
+        }
     })
 }
 
@@ -404,7 +436,7 @@ fn hold_all(
     p: &ControlParams,
     s: &Snapshot,
     fail_safe: bool,
-    binding: &str,
+    binding: Binding,
     active_mode: &'static str,
     each: impl Fn(&UnitParams, &UnitReading) -> Setpoint,
 ) -> (Decision, ControlState) {
@@ -418,7 +450,7 @@ fn hold_all(
         Decision {
             setpoints: setpoints.clone(),
             fail_safe,
-            binding: Some(binding.into()),
+            binding: Some(binding),
             active_mode,
             fleet_target_w: 0.0,
             predicted_grid_w: [0.0; 3],

@@ -76,8 +76,7 @@ fn snap(p: &ControlParams, grid_w: [f64; 3], pv_w: f64, soc: f64) -> Snapshot {
                 }
             })
             .collect(),
-        plan: None,
-        dr: Default::default(),
+        constraints: Constraints::gather(p, &Default::default(), None),
     }
 }
 
@@ -130,7 +129,10 @@ fn full_batteries_mean_curtailment_to_the_limit() {
     let p = params(fleet3(10), GridLimit::Total(0.0));
     let s = snap(&p, [-20_000.0; 3], 8_000.0, 100.0);
     let (d, _) = step(&p, &s, &ControlState::default());
-    assert_eq!(d.binding.as_deref(), Some("export_limit"));
+    assert_eq!(
+        d.binding.map(|b| b.label()).as_deref(),
+        Some("export_limit")
+    );
     let caps: f64 = d.setpoints.iter().flatten().map(|s| s.output_cap_w).sum();
     // Load is 20 kW: the fleet may deliver that less the 50 W margin.
     assert!((caps - 19_950.0).abs() < 1.0, "{caps}");
@@ -185,7 +187,7 @@ fn lost_meter_sends_every_unit_to_the_safe_state() {
     s.grid.as_mut().unwrap().age_s = 2.5;
     let (d, _) = step(&p, &s, &ControlState::default());
     assert!(d.fail_safe);
-    assert_eq!(d.binding.as_deref(), Some("fail_safe"));
+    assert_eq!(d.binding.map(|b| b.label()).as_deref(), Some("fail_safe"));
     for sp in d.setpoints.iter().flatten() {
         assert_eq!(sp.output_cap_w, 0.0);
         assert!(sp.battery_w <= 0.0);
@@ -236,7 +238,12 @@ fn phase_power_limit_holds_each_phase_and_beats_worst_phase_times_three() {
     // the limit: 3 × (1 kW + 0 kW) − 5 kW of load = −2 kW, i.e. a net import.
     let naive = 3.0 * 1000.0 + 3.0 * 0.0 - 5000.0;
     assert!(export > naive + 4000.0, "export {export} vs naive {naive}");
-    assert!(d.binding.as_deref().unwrap().starts_with("export_limit:"));
+    assert!(d
+        .binding
+        .map(|b| b.label())
+        .as_deref()
+        .unwrap()
+        .starts_with("export_limit:"));
 }
 
 #[test]
@@ -293,7 +300,10 @@ fn import_limit_raises_discharge() {
         "{:?}",
         batteries(&d)
     );
-    assert_eq!(d.binding.as_deref(), Some("import_limit"));
+    assert_eq!(
+        d.binding.map(|b| b.label()).as_deref(),
+        Some("import_limit")
+    );
 }
 
 fn tou(kind: TouKind, start: u32, end: u32) -> ControlParams {
@@ -379,7 +389,7 @@ fn soc_bounds_stop_charge_and_discharge() {
     )
     .0;
     assert!(batteries(&d).iter().all(|&b| b == 0.0));
-    assert_eq!(d.binding.as_deref(), Some("soc"));
+    assert_eq!(d.binding.map(|b| b.label()).as_deref(), Some("soc"));
 }
 
 #[test]
@@ -389,7 +399,7 @@ fn plan_mode_follows_targets_and_falls_back_to_self_consumption() {
     let mut s = snap(&p, [1000.0; 3], 0.0, 50.0);
     let d = step(&p, &s, &ControlState::default()).0;
     assert_eq!(d.active_mode, "self_consumption", "no plan yet");
-    s.plan = Some(vec![Some(-2000.0), Some(-2000.0)]);
+    s.constraints.plan = Some(vec![Some(-2000.0), Some(-2000.0)]);
     let d = step(&p, &s, &ControlState::default()).0;
     assert_eq!(d.active_mode, "plan");
     assert_eq!(batteries(&d), vec![-2000.0, -2000.0]);

@@ -243,8 +243,7 @@ impl Ems {
             mono_s: now.as_secs_f64(),
             grid,
             units,
-            plan,
-            dr,
+            constraints: control::Constraints::gather(&self.params, &dr, plan),
         };
         let (decision, state) = control::step(&self.params, &snapshot, &self.state);
         self.state = state;

@@ -420,7 +420,7 @@ pub fn build(
         grid,
         control: decision.map(|d| ControlStatus {
             fail_safe: d.fail_safe,
-            binding: d.binding.clone(),
+            binding: d.binding.map(|b| b.label()),
             active_mode: d.active_mode,
             fleet_target_w: d.fleet_target_w,
             predicted_grid_w: c
