@@ -137,23 +137,28 @@ pub struct FrozenWatch {
     last: Option<MeterReading>,
     /// When the current run of identical readings began.
     since: Option<Duration>,
-    /// The fleet's AC output, lowest and highest, during that run.
+    /// The fleet's AC output, lowest and highest, from the poll before the run began to now.
     fleet_lo_w: f64,
     fleet_hi_w: f64,
+    /// The fleet's output at the last poll.
+    fleet_last_w: Option<f64>,
 }
 
 impl FrozenWatch {
     /// After a poll that returned `reading` at `now`, with the fleet's measured AC output.
     pub fn observe(&mut self, now: Duration, reading: &MeterReading, fleet_ac_w: f64) {
+        let before_w = self.fleet_last_w.replace(fleet_ac_w).unwrap_or(fleet_ac_w);
         if self.last.as_ref() == Some(reading) {
             self.fleet_lo_w = self.fleet_lo_w.min(fleet_ac_w);
             self.fleet_hi_w = self.fleet_hi_w.max(fleet_ac_w);
             return;
         }
+        // A gateway may freeze in the same poll as the fleet steps (its cache refreshed
+        // once more): the step happened since the last poll, so it counts for this run.
         self.last = Some(reading.clone());
         self.since = Some(now);
-        self.fleet_lo_w = fleet_ac_w;
-        self.fleet_hi_w = fleet_ac_w;
+        self.fleet_lo_w = fleet_ac_w.min(before_w);
+        self.fleet_hi_w = fleet_ac_w.max(before_w);
     }
 
     /// Identical readings for at least `after` while the fleet's output moved by
@@ -389,5 +394,66 @@ impl MeterPoller {
                 Err(_) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(power_w: f64) -> MeterReading {
+        MeterReading {
+            power_w,
+            phases: Vec::new(),
+            frequency_hz: Some(50.0),
+        }
+    }
+
+    const AFTER: Duration = Duration::from_secs(10);
+    const MIN_W: f64 = 2000.0;
+
+    fn watch(steps: &[(u64, f64, f64)]) -> (FrozenWatch, Duration) {
+        let mut w = FrozenWatch::default();
+        let mut now = Duration::ZERO;
+        for &(t, meter_w, fleet_w) in steps {
+            now = Duration::from_secs(t);
+            w.observe(now, &reading(meter_w), fleet_w);
+        }
+        (w, now)
+    }
+
+    #[test]
+    fn a_meter_that_moves_is_never_frozen() {
+        let steps: Vec<_> = (0..30)
+            .map(|t| (t, 100.0 + t as f64, if t < 15 { 30e3 } else { -4e3 }))
+            .collect();
+        let (w, now) = watch(&steps);
+        assert!(!w.frozen(now, AFTER, MIN_W));
+    }
+
+    #[test]
+    fn a_steady_site_with_a_repeating_meter_is_not_called_frozen() {
+        // Nothing moved: the repeated value may be true (and is harmless if not).
+        let steps: Vec<_> = (0..30).map(|t| (t, 100.0, 30e3)).collect();
+        let (w, now) = watch(&steps);
+        assert!(!w.frozen(now, AFTER, MIN_W));
+    }
+
+    #[test]
+    fn repeated_values_while_the_fleet_moves_are_frozen_after_the_delay() {
+        let mut steps: Vec<_> = (0..5).map(|t| (t, 100.0 + t as f64, 30e3)).collect();
+        steps.extend((5..20).map(|t| (t, 500.0, if t < 8 { 30e3 } else { -4e3 })));
+        let (w, _) = watch(&steps);
+        assert!(!w.frozen(Duration::from_secs(14), AFTER, MIN_W));
+        assert!(w.frozen(Duration::from_secs(15), AFTER, MIN_W));
+    }
+
+    #[test]
+    fn a_fleet_step_in_the_poll_where_the_values_freeze_counts() {
+        // The first repeated value arrives with the fleet already stepped down.
+        let mut steps: Vec<_> = (0..5).map(|t| (t, 100.0 + t as f64, 30e3)).collect();
+        steps.extend((5..16).map(|t| (t, 500.0, -4e3)));
+        let (w, now) = watch(&steps);
+        assert!(w.frozen(now, AFTER, MIN_W));
     }
 }
