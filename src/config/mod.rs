@@ -367,6 +367,56 @@ pub struct ControlConfig {
     /// changes is frozen (a gateway repeating its cache) and counts as lost.
     #[serde(default = "default_frozen_after_s")]
     pub frozen_after_s: f64,
+    /// Setpoint changes smaller than this share of a unit's rating are not sent either.
+    #[serde(default = "default_deadband_pct")]
+    pub deadband_pct: f64,
+    /// Least time between two writes of one register (or of the battery registers as a
+    /// group) that are not safety decreases: inverter settings live in memory of limited
+    /// write endurance.
+    #[serde(default = "default_min_write_interval_s")]
+    pub min_write_interval_s: f64,
+    /// Least time a battery keeps its direction (charge, discharge) before it may turn,
+    /// unless the grid limit needs it now.
+    #[serde(default = "default_direction_dwell_s")]
+    pub direction_dwell_s: f64,
+    /// A unit whose measured battery power stays further than `follow_tolerance_pct` of its
+    /// rating from its setpoint for this long is `not_following`.
+    #[serde(default = "default_follow_after_s")]
+    pub follow_after_s: f64,
+    #[serde(default = "default_follow_tolerance_pct")]
+    pub follow_tolerance_pct: f64,
+    /// What the units are left with when the EMS stops.
+    #[serde(default)]
+    pub on_stop: OnStop,
+}
+
+/// What a clean stop leaves on each unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStop {
+    /// Battery idle and an inverter-side limit at the unit's share of the site's export
+    /// limit (and of demand-response limits in force), which holds without the EMS.
+    #[default]
+    Safe,
+    /// The unit's own settings back, but never export limiting off on a site that has a
+    /// limit: the inverter-side limit stays at the unit's share or lower.
+    Release,
+}
+
+fn default_deadband_pct() -> f64 {
+    1.0
+}
+fn default_min_write_interval_s() -> f64 {
+    10.0
+}
+fn default_direction_dwell_s() -> f64 {
+    30.0
+}
+fn default_follow_after_s() -> f64 {
+    30.0
+}
+fn default_follow_tolerance_pct() -> f64 {
+    10.0
 }
 
 fn default_frozen_after_s() -> f64 {
@@ -403,6 +453,12 @@ impl Default for ControlConfig {
             ramp_pct_per_s: default_ramp_pct_per_s(),
             deadband_w: default_deadband_w(),
             frozen_after_s: default_frozen_after_s(),
+            deadband_pct: default_deadband_pct(),
+            min_write_interval_s: default_min_write_interval_s(),
+            direction_dwell_s: default_direction_dwell_s(),
+            follow_after_s: default_follow_after_s(),
+            follow_tolerance_pct: default_follow_tolerance_pct(),
+            on_stop: OnStop::default(),
         }
     }
 }

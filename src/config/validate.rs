@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use super::{
-    ConfigError, LimitMode, LinkKind, Locator, MeterRole, PathSeg, SiteConfig, WorkingMode,
+    ConfigError, LimitMode, LinkKind, Locator, MeterRole, OnStop, PathSeg, SiteConfig, WorkingMode,
 };
 use crate::path;
 
@@ -552,6 +552,41 @@ fn control_and_mode(c: &SiteConfig, r: &mut Report) {
             600.0,
             "use 10 (the default) or 2–600 s",
         ),
+        (
+            "deadband_pct",
+            c.control.deadband_pct,
+            0.0,
+            20.0,
+            "use 1 (the default) or 0–20 % of rating",
+        ),
+        (
+            "min_write_interval_s",
+            c.control.min_write_interval_s,
+            0.0,
+            3600.0,
+            "use 10 (the default) or 0–3600 s",
+        ),
+        (
+            "direction_dwell_s",
+            c.control.direction_dwell_s,
+            0.0,
+            3600.0,
+            "use 30 (the default) or 0–3600 s",
+        ),
+        (
+            "follow_after_s",
+            c.control.follow_after_s,
+            5.0,
+            3600.0,
+            "use 30 (the default) or 5–3600 s",
+        ),
+        (
+            "follow_tolerance_pct",
+            c.control.follow_tolerance_pct,
+            1.0,
+            100.0,
+            "use 10 (the default) or 1–100 % of rating",
+        ),
     ] {
         if !(v.is_finite() && (lo..=hi).contains(&v)) {
             r.err(
@@ -560,6 +595,13 @@ fn control_and_mode(c: &SiteConfig, r: &mut Report) {
                 hint,
             );
         }
+    }
+    if c.control.on_stop == OnStop::Release && c.store.is_none() {
+        r.err(
+            path!["control", "on_stop"],
+            "`on_stop: release` gives each unit its own settings back, and those must survive a restart",
+            "add `store: { path: ems.sqlite }` (they are kept there), or use `on_stop: safe`",
+        );
     }
     let w = &c.working_mode;
     if w.mode == WorkingMode::TimeOfUse && w.periods.is_empty() {

@@ -8,9 +8,11 @@
 
 pub mod constraints;
 pub mod dispatch;
+pub mod follow;
 pub mod grid_limit;
 pub mod mode;
 pub mod params;
+pub mod stop;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -19,6 +21,7 @@ use crate::config::Phase;
 pub use constraints::{Binding, Constraints, FleetTarget, GridCap, Source};
 use grid_limit::Allowance;
 pub use params::{ControlParams, GridLimit, UnitParams};
+pub use stop::stop_caps;
 
 /// The grid meter's latest good reading.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,11 +43,16 @@ pub struct UnitReading {
     pub soc_pct: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum UnitHealth {
     Ok,
     Stale,
+    /// Fresh, but reporting a fault: held (battery idle, output no higher), never dropped.
     Faulted,
+    /// Its measured battery power does not follow its setpoint: held like a faulted unit,
+    /// and its share goes to the others.
+    NotFollowing,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -83,12 +91,20 @@ pub struct ControlState {
     setpoints: Vec<Option<Setpoint>>,
     /// Units whose PV was curtailed last cycle: what they report is less than they have.
     curtailed: Vec<bool>,
+    /// Each battery's direction (+1 discharge, −1 charge) and since when (monotonic s).
+    direction: Vec<Option<(i8, f64)>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
     /// Per unit, in config order; `None` for a unit that cannot be commanded now.
     pub setpoints: Vec<Option<Setpoint>>,
+    /// Per unit: held (battery idle, output no higher than now) because it is faulted or
+    /// not following (why); it still gets its setpoint.
+    pub held: Vec<Option<UnitHealth>>,
+    /// The measured grid is beyond a limit now (or the meter is lost, or DRM0): every
+    /// decrease goes out at once, past deadbands, dwell times and write intervals.
+    pub urgent: bool,
     pub fail_safe: bool,
     /// The constraint that held the fleet back (in status: `export_limit:L2`, `soc`, …).
     pub binding: Option<Binding>,
@@ -103,6 +119,8 @@ pub struct Decision {
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnitView {
     pub controllable: bool,
+    /// Faulted or not following: commanded, but given no battery share and no rise.
+    pub held: bool,
     pub rated_w: f64,
     pub weight: [f64; 3],
     pub three_phase: bool,
@@ -169,6 +187,7 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             voltage_v[phase.index()] = v;
         }
     }
+    let urgent = beyond_limits(p, c, net_w, voltage_v);
 
     // Ratings and SOC bounds.
     let mut soc_bound = false;
@@ -179,14 +198,16 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         .map(|(k, up)| {
             let input = s.units.get(k);
             let reading = input.and_then(|i| i.reading.as_ref());
-            let controllable =
-                input.is_some_and(|i| i.health == UnitHealth::Ok) && reading.is_some();
+            let health = input.map_or(UnitHealth::Stale, |i| i.health);
+            let controllable = health != UnitHealth::Stale && reading.is_some();
+            let held = matches!(health, UnitHealth::Faulted | UnitHealth::NotFollowing);
             let mut weight = [0.0; 3];
             for ph in Phase::ALL {
                 weight[ph.index()] = up.weight(ph);
             }
             let mut view = UnitView {
                 controllable,
+                held,
                 rated_w: up.rated_w,
                 weight,
                 three_phase: up.is_three_phase(),
@@ -218,6 +239,10 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
                 view.hi = dis.min((up.rated_w - view.pv_w).max(0.0));
                 view.lo = -chg.min(up.rated_w + view.pv_w);
                 view.pv_used_w = view.pv_w;
+                if held {
+                    view.lo = 0.0;
+                    view.hi = 0.0;
+                }
                 // Demand response: generation and consumption caps per unit (DRM1–3, 5–7).
                 if let Some(pct) = c.generation_pct {
                     view.hi = view.hi.min(pct / 100.0 * up.rated_w);
@@ -272,7 +297,7 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
     }
 
     // Export and import limits: the site's first, then demand response's on top.
-    let (binding, export_binding) = hold_limits(p, c, &mut units, net_w, voltage_v);
+    let binding = hold_limits(p, c, &mut units, net_w, voltage_v);
 
     // Output caps: the planned output plus this unit's share of what the limit leaves (or
     // a small probe, so more PV can show itself); exactly the plan while curtailing.
@@ -280,17 +305,24 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
     let residual = grid_limit::residual_share(&units, net_w, export);
     let mut setpoints = vec![None; units.len()];
     let mut curtailed = vec![false; units.len()];
+    let mut direction = vec![None; units.len()];
     for (k, u) in units.iter().enumerate() {
+        direction[k] = prev.direction.get(k).copied().flatten();
         if !u.controllable {
             continue;
         }
         curtailed[k] = u.pv_used_w < u.pv_w - 1.0;
         let planned = u.pv_used_w + u.battery_w;
-        let cap = if curtailed[k] {
+        let mut cap = if curtailed[k] {
             planned
         } else {
             planned + residual[k].max(probe_w(p, u.rated_w, dt_s))
         };
+        if u.held {
+            // No rise for a unit we cannot trust: at most what it delivers now.
+            let now_w = s.units[k].reading.as_ref().map_or(0.0, |r| r.ac_w);
+            cap = cap.min(now_w.max(0.0));
+        }
         let mut sp = Setpoint {
             battery_w: u.battery_w,
             output_cap_w: cap.clamp(0.0, generation_cap(u.rated_w)),
@@ -300,22 +332,24 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             output_cap_w: u.rated_w,
         });
         let ramp = ramp_w(p, u.rated_w, dt_s);
-        sp.battery_w = settle(
-            sp.battery_w,
-            before.battery_w,
-            ramp,
-            p.deadband_w,
-            export_binding,
-        );
-        sp.battery_w = sp.battery_w.clamp(u.lo.min(u.hi), u.hi.max(u.lo));
         let up = &p.units[k];
+        let deadband = up.deadband_w(p.deadband_w, p.deadband_pct);
+        sp.battery_w = settle(sp.battery_w, before.battery_w, ramp, deadband, urgent);
+        sp.battery_w = sp.battery_w.clamp(u.lo.min(u.hi), u.hi.max(u.lo));
+        let turn = Turn {
+            dwell_s: p.direction_dwell_s,
+            min_w: deadband,
+            urgent,
+            now_s: s.mono_s,
+        };
+        (sp.battery_w, direction[k]) = turn.apply(sp.battery_w, direction[k]);
         sp.battery_w = up.quantize(sp.battery_w);
         sp.output_cap_w = settle(
             sp.output_cap_w,
             before.output_cap_w,
             ramp,
-            p.deadband_w,
-            export_binding,
+            deadband,
+            urgent && sp.output_cap_w < before.output_cap_w,
         )
         .clamp(0.0, u.rated_w);
         sp.output_cap_w = up.quantize(sp.output_cap_w.min(generation_cap(u.rated_w)));
@@ -335,6 +369,12 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
     let binding = binding.or(soc_bound.then_some(Binding::Soc));
     let decision = Decision {
         setpoints: setpoints.clone(),
+        held: units
+            .iter()
+            .zip(&s.units)
+            .map(|(u, i)| (u.controllable && u.held).then_some(i.health))
+            .collect(),
+        urgent,
         fail_safe: false,
         binding,
         active_mode: intent.active,
@@ -347,20 +387,74 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             last_s: Some(s.mono_s),
             setpoints,
             curtailed,
+            direction,
         },
     )
 }
 
+/// The measured grid is beyond an export or import limit in force (no margin).
+fn beyond_limits(
+    p: &ControlParams,
+    c: &Constraints,
+    grid_w: [f64; 3],
+    voltage_v: [f64; 3],
+) -> bool {
+    let beyond =
+        |limit: GridLimit, sign: f64| match Allowance::new(limit, &p.phases, voltage_v, 0.0) {
+            Allowance::Total(a) => sign * grid_w.iter().sum::<f64>() > a,
+            Allowance::Phase(a) => a
+                .iter()
+                .zip(grid_w)
+                .any(|(a, g)| a.is_some_and(|a| sign * g > a)),
+        };
+    c.export.iter().any(|cap| beyond(cap.limit, -1.0))
+        || c.import.iter().any(|cap| beyond(cap.limit, 1.0))
+}
+
+/// Direction changes of a battery: at most one per dwell time, and only to a power worth
+/// turning for, unless the grid limit needs it now.
+struct Turn {
+    dwell_s: f64,
+    min_w: f64,
+    urgent: bool,
+    now_s: f64,
+}
+
+impl Turn {
+    /// The battery power to send instead of `want_w`, and the direction from now on.
+    fn apply(&self, want_w: f64, held: Option<(i8, f64)>) -> (f64, Option<(i8, f64)>) {
+        let want: i8 = if want_w > 0.5 {
+            1
+        } else if want_w < -0.5 {
+            -1
+        } else {
+            0
+        };
+        match held {
+            Some((dir, _)) if want == dir => (want_w, held),
+            _ if want == 0 => (0.0, held),
+            None => (want_w, Some((want, self.now_s))),
+            Some((_, since)) => {
+                let settled = self.now_s - since >= self.dwell_s && want_w.abs() >= self.min_w;
+                if self.urgent || settled {
+                    (want_w, Some((want, self.now_s)))
+                } else {
+                    (0.0, held)
+                }
+            }
+        }
+    }
+}
+
 /// Hold every export and import limit in `c` (the site's, then demand response's). Returns
-/// what bound — a demand-response limit before the site's, export before import — and
-/// whether any export limit did.
+/// what bound: a demand-response limit before the site's, export before import.
 fn hold_limits(
     p: &ControlParams,
     c: &Constraints,
     units: &mut [UnitView],
     net_w: [f64; 3],
     voltage_v: [f64; 3],
-) -> (Option<Binding>, bool) {
+) -> Option<Binding> {
     let mut held: Vec<Binding> = Vec::new();
     for source in [Source::Site, Source::DemandResponse] {
         for cap in c.export.iter().filter(|k| k.source == source) {
@@ -382,28 +476,25 @@ fn hold_limits(
             }
         }
     }
-    let export = held.iter().any(Binding::is_export);
     let first = |source: Source| {
         held.iter().copied().find(|b| match b {
             Binding::Export { source: s, .. } | Binding::Import { source: s, .. } => *s == source,
             _ => false,
         })
     };
-    (
-        first(Source::DemandResponse).or(first(Source::Site)),
-        export,
-    )
+    first(Source::DemandResponse).or(first(Source::Site))
 }
 
 /// Move from `before` towards `want`: rises by at most `ramp`, falls at once; changes under
-/// `deadband` are dropped unless they are falls the export limit needs.
-fn settle(want: f64, before: f64, ramp: f64, deadband: f64, export_binding: bool) -> f64 {
+/// `deadband` are dropped unless they are falls needed now (`urgent`: the grid is beyond a
+/// limit).
+fn settle(want: f64, before: f64, ramp: f64, deadband: f64, urgent: bool) -> f64 {
     let next = if want > before {
         want.min(before + ramp)
     } else {
         want
     };
-    if (next - before).abs() < deadband && !(next < before && export_binding) {
+    if (next - before).abs() < deadband && !(next < before && urgent) {
         before
     } else {
         next
@@ -448,7 +539,9 @@ fn hold_all(
         .collect();
     (
         Decision {
+            held: vec![None; setpoints.len()],
             setpoints: setpoints.clone(),
+            urgent: true,
             fail_safe,
             binding: Some(binding),
             active_mode,
@@ -458,6 +551,7 @@ fn hold_all(
         ControlState {
             last_s: Some(s.mono_s),
             curtailed: vec![false; setpoints.len()],
+            direction: vec![None; setpoints.len()],
             setpoints,
         },
     )

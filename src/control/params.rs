@@ -61,6 +61,11 @@ impl UnitParams {
         }
     }
 
+    /// Changes smaller than this are not sent to the unit.
+    pub fn deadband_w(&self, p_deadband_w: f64, p_deadband_pct: f64) -> f64 {
+        p_deadband_w.max(p_deadband_pct / 100.0 * self.rated_w)
+    }
+
     pub fn is_three_phase(&self) -> bool {
         self.phases.len() > 1
     }
@@ -94,6 +99,10 @@ pub struct ControlParams {
     pub margin_w: f64,
     pub ramp_pct_per_s: f64,
     pub deadband_w: f64,
+    /// The deadband also scales with each unit's rating.
+    pub deadband_pct: f64,
+    /// Least time a battery keeps its direction unless the grid limit needs it to turn.
+    pub direction_dwell_s: f64,
     pub fail_safe_after_s: f64,
     pub cycle_s: f64,
     pub mode: ModeParams,
@@ -145,6 +154,8 @@ impl ControlParams {
             margin_w: c.control.grid_margin_w,
             ramp_pct_per_s: c.control.ramp_pct_per_s,
             deadband_w: c.control.deadband_w,
+            deadband_pct: c.control.deadband_pct,
+            direction_dwell_s: c.control.direction_dwell_s,
             fail_safe_after_s: c.control.fail_safe_after_s,
             cycle_s: c.control.cycle_ms as f64 / 1000.0,
             mode: mode_params(&c.working_mode, tz),

@@ -26,6 +26,8 @@ fn params(units: Vec<UnitParams>, export: GridLimit) -> ControlParams {
         margin_w: 50.0,
         ramp_pct_per_s: 100.0,
         deadband_w: 20.0,
+        deadband_pct: 0.0,
+        direction_dwell_s: 0.0,
         fail_safe_after_s: 2.0,
         cycle_s: 1.0,
         mode: ModeParams {
@@ -36,6 +38,16 @@ fn params(units: Vec<UnitParams>, export: GridLimit) -> ControlParams {
         },
         units,
     }
+}
+
+/// Units of 10 kW on the given phases, under `export`.
+pub(crate) fn params_with(phases: &[&[Phase]], export: GridLimit) -> ControlParams {
+    let units = phases
+        .iter()
+        .enumerate()
+        .map(|(i, ph)| unit(&format!("u{i}"), 10_000.0, ph.to_vec()))
+        .collect();
+    params(units, export)
 }
 
 fn fleet3(n: usize) -> Vec<UnitParams> {
@@ -403,4 +415,58 @@ fn plan_mode_follows_targets_and_falls_back_to_self_consumption() {
     let d = step(&p, &s, &ControlState::default()).0;
     assert_eq!(d.active_mode, "plan");
     assert_eq!(batteries(&d), vec![-2000.0, -2000.0]);
+}
+
+#[test]
+fn a_faulted_unit_that_exports_is_held_and_curtailed_not_abandoned() {
+    // One unit reports a fault but runs: its battery discharges 1.5 kW into a 0 W limit site
+    // with no load. It gets a setpoint — battery idle, output cap down to what the limit
+    // leaves — and the export is expected back under the limit.
+    let p = params(fleet3(2), GridLimit::Total(0.0));
+    let mut s = snap(&p, [-500.0; 3], 0.0, 50.0);
+    for (k, u) in s.units.iter_mut().enumerate() {
+        let r = u.reading.as_mut().unwrap();
+        if k == 0 {
+            u.health = UnitHealth::Faulted;
+            *r = UnitReading {
+                ac_phase_w: [500.0; 3],
+                ac_w: 1500.0,
+                pv_w: 0.0,
+                battery_w: 1500.0,
+                soc_pct: 50.0,
+            };
+        }
+    }
+    let (d, _) = step(&p, &s, &ControlState::default());
+    let sp = d.setpoints[0].expect("a faulted unit is still commanded");
+    assert_eq!(d.held[..], [Some(UnitHealth::Faulted), None]);
+    assert!(d.urgent, "1.5 kW export under a 0 W limit");
+    assert_eq!(sp.battery_w, 0.0);
+    let export_w = -d.predicted_grid_w.iter().sum::<f64>();
+    assert!(export_w <= 0.0, "predicted export {export_w} W, {d:?}");
+}
+
+#[test]
+fn a_battery_turns_at_most_once_per_dwell_time_unless_urgent() {
+    let turn = |urgent| Turn {
+        dwell_s: 30.0,
+        min_w: 100.0,
+        urgent,
+        now_s: 110.0,
+    };
+    let discharging = Some((1, 100.0));
+    // 10 s after it began discharging it may not start charging: it idles instead.
+    assert_eq!(turn(false).apply(-2000.0, discharging), (0.0, discharging));
+    // Unless the limit is crossed now.
+    assert_eq!(
+        turn(true).apply(-2000.0, discharging),
+        (-2000.0, Some((-1, 110.0)))
+    );
+    // After the dwell, a turn to a power worth turning for goes through; a tiny one does not.
+    let long_ago = Some((1, 0.0));
+    assert_eq!(turn(false).apply(-50.0, long_ago), (0.0, long_ago));
+    assert_eq!(
+        turn(false).apply(-2000.0, long_ago),
+        (-2000.0, Some((-1, 110.0)))
+    );
 }

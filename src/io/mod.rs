@@ -17,4 +17,6 @@ use link::LinkError;
 pub trait IoObserver: Send + Sync {
     fn request(&self, link: &str, device: &str, result: Result<(), &LinkError>, took: Duration);
     fn decode_error(&self, link: &str, device: &str);
+    /// A register write to a unit's settings, sent (`ok`) or failed.
+    fn write(&self, device: &str, register: u16, ok: bool);
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 
-use crate::config::{LinkKind, MeterRole, SiteConfig};
+use crate::config::{LinkKind, MeterRole, OnStop, SiteConfig};
 use crate::control::{self, Decision};
 use crate::dr::book::SharedBook;
 use crate::dr::DrEvent;
@@ -42,7 +42,12 @@ pub struct Devices {
 
 impl Devices {
     /// Links, pollers and actuators for `config`. Must run inside a tokio runtime.
-    pub fn new(config: &SiteConfig, observer: Arc<dyn IoObserver>) -> Devices {
+    /// `originals`: each unit's own settings as kept in the store from an earlier run.
+    pub fn new(
+        config: &SiteConfig,
+        observer: Arc<dyn IoObserver>,
+        originals: &HashMap<String, Vec<(u16, u16)>>,
+    ) -> Devices {
         let links: HashMap<&str, Link> = config
             .links
             .iter()
@@ -79,6 +84,9 @@ impl Devices {
                     p.cfg.rated_power_w,
                     p.link().clone(),
                 )
+                .with_observer(observer.clone())
+                .with_min_interval(Duration::from_secs_f64(config.control.min_write_interval_s))
+                .with_original(originals.get(&p.cfg.id).cloned())
             })
             .collect();
         let contacts = config
@@ -229,18 +237,18 @@ impl Devices {
     }
 
     /// Send the decision: every commanded unit in parallel (each on its own link task).
-    pub async fn actuate(&mut self, decision: &Decision) {
+    /// Returns the units' own settings learnt at this takeover, to be kept in the store.
+    pub async fn actuate(
+        &mut self,
+        decision: &Decision,
+        now: Duration,
+    ) -> Vec<(String, Vec<(u16, u16)>)> {
         for (poller, actuator) in self.inverters.iter().zip(self.actuators.iter_mut()) {
-            // A unit that left passive mode (reboot, app, installer) gets everything again.
-            if actuator.controls()
-                && poller
-                    .reading
-                    .as_ref()
-                    .is_some_and(|r| r.app_mode != saj::app_mode::PASSIVE)
-            {
-                actuator.invalidate();
+            if let Some(r) = poller.reading.as_ref() {
+                actuator.confirm_mode(r.app_mode);
             }
         }
+        let urgent = decision.urgent;
         let writes = self
             .actuators
             .iter_mut()
@@ -252,21 +260,50 @@ impl Devices {
                         battery_w: sp.battery_w,
                         output_cap_w: sp.output_cap_w,
                     };
-                    if let Err(e) = a.apply(&cmd).await {
-                        tracing::debug!("setpoint not written: {e}");
+                    if let Err(e) = a.apply(&cmd, now, urgent).await {
+                        tracing::warn!(device = a.device(), "setpoint not written: {e}");
                     }
                 })
             });
         join_all(writes).await;
+        self.actuators
+            .iter_mut()
+            .filter_map(|a| Some((a.device().to_string(), a.take_new_original()?)))
+            .collect()
     }
 
-    /// Give every unit we took over back its own settings.
-    pub async fn restore(&mut self) {
-        let restores = self.actuators.iter_mut().map(|a| a.restore());
-        for r in join_all(restores).await {
-            if let Err(e) = r {
-                tracing::warn!("could not restore an inverter's own settings: {e}");
-            }
-        }
+    /// Per unit, the alarm it raised, if any.
+    pub fn alarms(&self) -> Vec<Option<&'static str>> {
+        self.actuators
+            .iter()
+            .map(|a| a.alarm.map(|x| x.label()))
+            .collect()
+    }
+
+    /// Leave every unit as `on_stop` says, each with its inverter-side cap from `caps_w`
+    /// (every site file has an export limit, so release keeps limiting on). Returns the
+    /// units given back their own settings, whose stored originals are done with.
+    pub async fn stop(&mut self, on_stop: OnStop, caps_w: &[f64]) -> Vec<String> {
+        let stops = self
+            .actuators
+            .iter_mut()
+            .zip(caps_w)
+            .map(|(a, &cap_w)| async move {
+                let result = match on_stop {
+                    OnStop::Safe => a.stop_safe(cap_w).await.map(|()| false),
+                    OnStop::Release => a.release(Some(cap_w)).await,
+                };
+                match result {
+                    Ok(released) => released.then(|| a.device().to_string()),
+                    Err(e) => {
+                        tracing::error!(
+                            device = a.device(),
+                            "could not leave the unit safe at stop: {e}"
+                        );
+                        None
+                    }
+                }
+            });
+        join_all(stops).await.into_iter().flatten().collect()
     }
 }

@@ -3,6 +3,7 @@
 //! from the book in memory, and history rows leave through the store's writer; none of them
 //! is waited for here.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use super::devices::Devices;
 use super::planning::Planning;
 use crate::clock::Clock;
 use crate::config::{MeterRole, SiteConfig};
+use crate::control::follow::{FollowRule, FollowWatch};
 use crate::control::{self, ControlParams, ControlState, Decision};
 use crate::dr::book::{DrBook, SharedBook};
 use crate::dr::mqtt::Telemetry;
@@ -60,6 +62,11 @@ pub struct Ems {
     following_plan: bool,
     planning: Option<Planning>,
     demand: Demand,
+    /// Units whose batteries do not do what they are told.
+    follow: FollowWatch,
+    follow_rule: FollowRule,
+    /// The constraints of the last cycle: what a stop must keep.
+    constraints: control::Constraints,
     history: Option<History>,
     writer: Option<Writer>,
     out: Outputs,
@@ -67,6 +74,22 @@ pub struct Ems {
 
 /// The DR book as stored, read before the first cycle so that events in force after a
 /// restart are enforced before anything is written.
+/// Each unit's own settings kept by an earlier run.
+fn load_originals(config: &SiteConfig) -> HashMap<String, Vec<(u16, u16)>> {
+    let Some(s) = &config.store else {
+        return HashMap::new();
+    };
+    Store::open(std::path::Path::new(&s.path))
+        .and_then(|st| st.originals())
+        .unwrap_or_else(|e| {
+            tracing::error!(
+                "cannot read the units' own settings in {}: {e}; units found in passive mode get the register map's defaults",
+                s.path
+            );
+            HashMap::new()
+        })
+}
+
 fn load_book(config: &SiteConfig) -> DrBook {
     let Some(s) = &config.store else {
         return DrBook::default();
@@ -102,7 +125,7 @@ impl Ems {
         for i in &config.inverters {
             metrics.register_device(&i.link, &i.id);
         }
-        let devices = Devices::new(&config, metrics.clone());
+        let devices = Devices::new(&config, metrics.clone(), &load_originals(&config));
         let writer = config
             .store
             .as_ref()
@@ -142,6 +165,12 @@ impl Ems {
             writer,
             planning,
             devices,
+            follow: FollowWatch::default(),
+            follow_rule: FollowRule {
+                tolerance_pct: config.control.follow_tolerance_pct,
+                after_s: config.control.follow_after_s,
+            },
+            constraints: control::Constraints::default(),
             params: ControlParams::from_config(&config),
             state: ControlState::default(),
             decision: None,
@@ -237,7 +266,8 @@ impl Ems {
             None => self.plan_override.clone(),
         };
         self.following_plan = self.planning.is_some() && plan.is_some();
-        let (grid, units) = self.devices.readings(now);
+        let (grid, mut units) = self.devices.readings(now);
+        self.check_following(now, &mut units);
         let snapshot = control::Snapshot {
             time,
             mono_s: now.as_secs_f64(),
@@ -247,7 +277,12 @@ impl Ems {
         };
         let (decision, state) = control::step(&self.params, &snapshot, &self.state);
         self.state = state;
-        self.devices.actuate(&decision).await;
+        self.constraints = snapshot.constraints;
+        for (device, values) in self.devices.actuate(&decision, now).await {
+            if let Some(w) = &self.writer {
+                w.originals(&device, Some(values));
+            }
+        }
         self.decision = Some(decision);
         self.publish(now, time, started);
     }
@@ -264,6 +299,9 @@ impl Ems {
             time,
             self.out.cycle,
         );
+        for (inv, alarm) in status.inverters.iter_mut().zip(self.devices.alarms()) {
+            inv.alarm = alarm;
+        }
         if self.devices.grid_frozen(now) {
             status.mark_grid_frozen(self.devices.grid_unchanged_for(now));
         }
@@ -325,9 +363,38 @@ impl Ems {
         }
     }
 
-    /// Give every unit we took over back its own settings.
-    pub async fn restore(&mut self) {
-        self.devices.restore().await;
+    /// Compare each unit's battery with what it was told last cycle; a unit off for too
+    /// long is held (`not_following`) and the others take its share.
+    fn check_following(&mut self, now: Duration, units: &mut [control::UnitInput]) {
+        let last = self.decision.as_ref();
+        for (k, unit) in units.iter_mut().enumerate() {
+            let commanded = last.and_then(|d| d.setpoints.get(k).copied().flatten());
+            let measured = unit.reading.as_ref().map(|r| (r.battery_w, r.soc_pct));
+            self.follow.observe(
+                k,
+                now.as_secs_f64(),
+                &self.params.units[k],
+                self.follow_rule,
+                commanded.map(|sp| sp.battery_w),
+                measured,
+            );
+            if self.follow.not_following(k) && unit.health == control::UnitHealth::Ok {
+                unit.health = control::UnitHealth::NotFollowing;
+            }
+        }
+    }
+
+    /// Leave every unit as `control.on_stop` says: safe (the default) or released, with an
+    /// inverter-side limit that keeps the site's export limit, and demand response's in
+    /// force, without the EMS.
+    pub async fn stop(&mut self) {
+        let caps = control::stop_caps(&self.params, &self.constraints);
+        let released = self.devices.stop(self.config.control.on_stop, &caps).await;
+        if let Some(w) = &self.writer {
+            for device in released {
+                w.originals(&device, None);
+            }
+        }
     }
 
     /// Cycle until `shutdown` resolves, then hand the units back and write what is queued.
@@ -341,7 +408,7 @@ impl Ems {
                 _ = tick.tick() => self.cycle().await,
             }
         }
-        self.restore().await;
+        self.stop().await;
         if let Err(e) = self.flush_store(Duration::from_secs(5)).await {
             tracing::warn!("{e}");
         }

@@ -33,6 +33,12 @@ pub struct SimInverter {
     pub settings: HashMap<u16, u16>,
     /// Fault words HFault, MFault, MFault2, for fault-injection tests.
     pub fault_words: [u32; 3],
+    /// Accepted writes per setting register (the memory's endurance is spent by these).
+    pub writes: HashMap<u16, u64>,
+    /// `0x4022` shows the AppMode in force; false for firmware that does not.
+    pub mirrors_app_mode: bool,
+    /// The firmware ignores the passive battery setpoint (a unit not following).
+    pub ignores_setpoint: bool,
     pub charged_wh: f64,
     pub discharged_wh: f64,
     pub pv_wh: f64,
@@ -174,6 +180,9 @@ impl SiteModel {
                 ac_w: 0.0,
                 settings: HashMap::new(),
                 fault_words: [0; 3],
+                writes: HashMap::new(),
+                mirrors_app_mode: true,
+                ignores_setpoint: false,
                 charged_wh: 0.0,
                 discharged_wh: 0.0,
                 pv_wh: 0.0,
@@ -274,6 +283,7 @@ impl SiteModel {
         for (inv, pv_avail) in self.inverters.iter_mut().zip(pv_now) {
             let (max_charge, max_discharge) = inv.battery_window();
             let target = match inv.app_mode() {
+                app_mode::PASSIVE if inv.ignores_setpoint => inv.battery_w,
                 app_mode::PASSIVE => match inv.setting(reg::PASSIVE_ENABLE) {
                     passive::DISCHARGE => {
                         saj::permille_to_watts(inv.setting(reg::PASSIVE_BAT_DISCHARGE), inv.rated_w)

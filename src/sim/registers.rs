@@ -9,7 +9,7 @@ use tokio_modbus::ExceptionCode;
 use super::physics::{SimInverter, SiteModel};
 use crate::config::{InverterModel, MeterModel, MeterRole, Phase};
 use crate::drivers::chint::{ddsu666, dtsu666, f32_words};
-use crate::drivers::saj::{self, reg};
+use crate::drivers::saj::{self, app_mode, reg};
 
 /// A device's registers at one instant; holding and input registers share it.
 #[derive(Debug, Default, Clone)]
@@ -99,7 +99,13 @@ pub fn inverter_image(m: &SiteModel, inv: &SimInverter, index: usize) -> Image {
         inv.fault_words.iter().map(|w| w.count_ones()).sum::<u32>() as u16,
     );
     let app = inv.app_mode();
-    im.set(reg::SET_APP_MODE, if app <= 3 { app } else { 0 });
+    // Some firmware does not mirror a passive mode at 0x4022: it keeps showing self-use.
+    let shown = if inv.mirrors_app_mode {
+        app
+    } else {
+        app_mode::SELF_USE
+    };
+    im.set(reg::SET_APP_MODE, if shown <= 3 { shown } else { 0 });
     im.set_i16(0x4029, inv.battery.soc_max_pct);
     im.set_i16(0x402A, inv.battery.soc_min_pct);
     im.set(0x4030, if m.phases == 3 { 2 } else { 1 });
@@ -255,5 +261,7 @@ pub fn write_inverter_setting(
         return Err(ExceptionCode::IllegalDataValue);
     }
     inv.settings.insert(addr, value);
+    // Settings memory has a limited write endurance: count what each register takes.
+    *inv.writes.entry(addr).or_default() += 1;
     Ok(())
 }

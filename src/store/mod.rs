@@ -11,6 +11,7 @@
 pub mod history;
 pub mod writer;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -31,6 +32,12 @@ const SCHEMA: &str = "
         id TEXT PRIMARY KEY,
         event TEXT NOT NULL,   -- the event as JSON
         state TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS originals (
+        device TEXT NOT NULL,        -- inverter id
+        register INTEGER NOT NULL,   -- a control register the EMS takes over
+        value INTEGER NOT NULL,      -- the unit's own value before the EMS first wrote it
+        PRIMARY KEY (device, register)
     );";
 
 /// Open `path` for reading and writing, with the schema in place. A busy file is waited on
@@ -130,6 +137,26 @@ impl Store {
         rows.collect()
     }
 
+    /// Each unit's own settings, as kept at takeover, by device id.
+    pub fn originals(&self) -> rusqlite::Result<HashMap<String, Vec<(u16, u16)>>> {
+        let mut q = self
+            .conn
+            .prepare("SELECT device, register, value FROM originals ORDER BY device, register")?;
+        let rows = q.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u16>(1)?,
+                r.get::<_, u16>(2)?,
+            ))
+        })?;
+        let mut out: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
+        for row in rows {
+            let (device, register, value) = row?;
+            out.entry(device).or_default().push((register, value));
+        }
+        Ok(out)
+    }
+
     /// The state of one stored event, if any.
     pub fn dr_event_state(&self, id: &str) -> rusqlite::Result<Option<String>> {
         let mut q = self
@@ -146,6 +173,22 @@ fn write_sample(conn: &Connection, minute: i64, v: [f64; 3]) -> rusqlite::Result
         params![minute, v[0], v[1], v[2]],
     )?;
     Ok(())
+}
+
+fn write_originals(
+    conn: &Connection,
+    device: &str,
+    values: Option<&[(u16, u16)]>,
+) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute("DELETE FROM originals WHERE device = ?1", params![device])?;
+    for (register, value) in values.unwrap_or_default() {
+        tx.execute(
+            "INSERT INTO originals (device, register, value) VALUES (?1, ?2, ?3)",
+            params![device, register, value],
+        )?;
+    }
+    tx.commit()
 }
 
 fn write_dr_event(conn: &Connection, e: &StoredEvent) -> rusqlite::Result<()> {

@@ -37,6 +37,11 @@ enum Op {
         /// Someone waits for this one: answer by the deadline, written or not.
         waiting: Option<(Reply, Instant)>,
     },
+    /// A unit's own settings (`None`: given back, forget them).
+    Originals {
+        device: String,
+        values: Option<Vec<(u16, u16)>>,
+    },
     /// Answered once everything queued before it is written.
     Flush(Reply),
 }
@@ -81,6 +86,14 @@ impl Writer {
     /// Queue one history row (a minute's average). Never blocks.
     pub fn sample(&self, minute: i64, values: [f64; 3]) {
         self.send(Op::Sample { minute, values });
+    }
+
+    /// Queue a unit's own settings, learnt at takeover (or `None` once given back).
+    pub fn originals(&self, device: &str, values: Option<Vec<(u16, u16)>>) {
+        self.send(Op::Originals {
+            device: device.to_string(),
+            values,
+        });
     }
 
     /// Queue an event's new state. Never blocks; written when the file lets us.
@@ -314,6 +327,9 @@ impl Worker {
         let result = match op {
             Op::Sample { minute, values } => super::write_sample(conn, *minute, *values),
             Op::Event { event, .. } => super::write_dr_event(conn, event),
+            Op::Originals { device, values } => {
+                super::write_originals(conn, device, values.as_deref())
+            }
             Op::Flush(_) => Ok(()),
         };
         match result {
@@ -325,7 +341,7 @@ impl Worker {
     fn finish(&mut self, op: Op, result: Result<(), String>) {
         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
         match op {
-            Op::Sample { .. } | Op::Event { waiting: None, .. } => {
+            Op::Sample { .. } | Op::Event { waiting: None, .. } | Op::Originals { .. } => {
                 self.stats.written.fetch_add(1, Ordering::Relaxed);
             }
             Op::Event {

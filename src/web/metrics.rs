@@ -12,6 +12,7 @@ use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
+use crate::control::UnitHealth;
 use crate::io::link::LinkError;
 use crate::web::status::{Health, Status};
 
@@ -37,6 +38,9 @@ pub struct Metrics {
     fail_safe: GaugeVec,
     binding: GaugeVec,
     setpoint_battery: GaugeVec,
+    inverter_held: GaugeVec,
+    inverter_not_following: GaugeVec,
+    inverter_alarm: GaugeVec,
     setpoint_cap: GaugeVec,
     export_limit: GaugeVec,
     import_limit: GaugeVec,
@@ -44,6 +48,7 @@ pub struct Metrics {
     modbus_errors: IntCounterVec,
     modbus_exceptions: IntCounterVec,
     modbus_latency: HistogramVec,
+    modbus_writes: IntCounterVec,
     cycle_duration: HistogramVec,
     cycle_overruns: IntCounterVec,
     plan_solve: GaugeVec,
@@ -121,6 +126,9 @@ impl Metrics {
             device_age: gauge(&r, "ems_device_last_update_age_seconds", "Seconds since the device's last good read.", &["device", "kind"]),
             fail_safe: gauge(&r, "ems_fail_safe_active", "1 while the grid meter is lost and every inverter is held at zero export.", &[]),
             binding: gauge(&r, "ems_control_binding", "1 for the constraint holding the fleet back this cycle (export_limit, export_limit:L1, import_limit, soc, fail_safe, none).", &["constraint"]),
+            inverter_held: gauge(&r, "ems_inverter_held", "1 while the unit is held (battery idle, output no higher) because it is faulted or not following.", &["device"]),
+            inverter_not_following: gauge(&r, "ems_inverter_not_following", "1 while the unit's measured battery power does not follow its setpoint.", &["device"]),
+            inverter_alarm: gauge(&r, "ems_inverter_alarm", "1 while the unit has an alarm the EMS stopped fixing by writing (see status `alarm`).", &["device"]),
             setpoint_battery: gauge(&r, "ems_setpoint_battery_watts", "Battery power sent to the inverter, + discharge.", &["device"]),
             setpoint_cap: gauge(&r, "ems_setpoint_output_cap_watts", "Output cap sent to the inverter.", &["device"]),
             export_limit: gauge(&r, "ems_export_limit_watts", "Export limit in force: for the sum of phases (total_power) or per phase (phase modes; A × nominal V for phase_current).", &["mode"]),
@@ -128,6 +136,7 @@ impl Metrics {
             modbus_requests: counter(&r, "ems_modbus_requests_total", "Modbus requests sent.", &["link", "device"]),
             modbus_errors: counter(&r, "ems_modbus_errors_total", "Failed Modbus requests and undecodable answers, by kind.", &["link", "device", "kind"]),
             modbus_exceptions: counter(&r, "ems_modbus_exceptions_total", "Modbus exception answers by exception code.", &["link", "device", "code"]),
+            modbus_writes: counter(&r, "ems_modbus_writes_total", "Register writes sent to a unit (each one wears its settings memory), by register and outcome.", &["device", "register", "result"]),
             modbus_latency: histogram(&r, "ems_modbus_request_duration_seconds", "Modbus request round-trip time.", &["link", "device"], latency_buckets),
             cycle_duration: histogram(
                 &r,
@@ -192,6 +201,16 @@ impl Metrics {
     }
 
     /// An answer that arrived but could not be what the device meant.
+    pub fn record_write(&self, device: &str, register: u16, ok: bool) {
+        self.modbus_writes
+            .with_label_values(&[
+                device,
+                &format!("{register:#06x}"),
+                if ok { "ok" } else { "failed" },
+            ])
+            .inc();
+    }
+
     pub fn record_decode_error(&self, link: &str, device: &str) {
         self.modbus_errors
             .with_label_values(&[link, device, "decode"])
@@ -252,6 +271,16 @@ impl Metrics {
                 &l,
                 inv.setpoint.map(|sp| sp.output_cap_w),
             );
+            let flag = |b: bool| f64::from(u8::from(b));
+            self.inverter_held
+                .with_label_values(&l)
+                .set(flag(inv.held.is_some()));
+            self.inverter_not_following
+                .with_label_values(&l)
+                .set(flag(inv.held == Some(UnitHealth::NotFollowing)));
+            self.inverter_alarm
+                .with_label_values(&l)
+                .set(flag(inv.alarm.is_some()));
             let fresh = inv.health != Health::Stale;
             set_or_clear(
                 &self.inverter_faults_active,
@@ -360,5 +389,8 @@ impl crate::io::IoObserver for Metrics {
     }
     fn decode_error(&self, link: &str, device: &str) {
         self.record_decode_error(link, device);
+    }
+    fn write(&self, device: &str, register: u16, ok: bool) {
+        self.record_write(device, register, ok);
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::{MeterRole, Phase, SiteConfig};
-use crate::control::{Decision, Setpoint};
+use crate::control::{Decision, Setpoint, UnitHealth};
 use crate::drivers::{PhaseAc, WorkingState};
 use crate::io::poll::{Freshness, InverterPoller, MeterPoller};
 
@@ -83,6 +83,10 @@ pub struct InverterStatus {
     pub serial: Option<String>,
     /// What the EMS told the unit this cycle; `null` when it could not be commanded.
     pub setpoint: Option<Setpoint>,
+    /// Why the unit is held (battery idle, output no higher): `faulted`, `not_following`.
+    pub held: Option<UnitHealth>,
+    /// What the EMS stopped fixing by writing: `passive_not_confirmed`.
+    pub alarm: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -394,6 +398,8 @@ pub fn build(
                     .collect(),
                 serial: p.identity.as_ref().map(|i| i.serial.clone()),
                 setpoint: decision.and_then(|d| d.setpoints.get(k).copied().flatten()),
+                held: decision.and_then(|d| d.held.get(k).copied().flatten()),
+                alarm: None,
             }
         })
         .collect();
