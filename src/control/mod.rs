@@ -240,8 +240,10 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
                 view.lo = -chg.min(up.rated_w + view.pv_w);
                 view.pv_used_w = view.pv_w;
                 if held {
-                    view.lo = 0.0;
-                    view.hi = 0.0;
+                    // It does what it does: plan with its measured battery power, which the
+                    // limits may only bring towards idle.
+                    view.lo = r.battery_w.min(0.0);
+                    view.hi = r.battery_w.max(0.0);
                 }
                 // Demand response: generation and consumption caps per unit (DRM1–3, 5–7).
                 if let Some(pct) = c.generation_pct {
@@ -284,6 +286,13 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         }
         None => {}
     }
+    // Held units keep their measured battery power in the sharing: the others cover.
+    for (k, u) in units.iter().enumerate() {
+        if u.held {
+            let measured = s.units[k].reading.as_ref().map_or(0.0, |r| r.battery_w);
+            intent.fixed_w[k] = Some(measured);
+        }
+    }
     dispatch::share(&mut units, &intent.fixed_w, intent.fleet_target_w);
     let generation_cap = |rated_w: f64| {
         c.generation_pct
@@ -324,7 +333,8 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             cap = cap.min(now_w.max(0.0));
         }
         let mut sp = Setpoint {
-            battery_w: u.battery_w,
+            // A held unit is told to idle, whatever it does now.
+            battery_w: if u.held { 0.0 } else { u.battery_w },
             output_cap_w: cap.clamp(0.0, generation_cap(u.rated_w)),
         };
         let before = prev_sp(k).unwrap_or(Setpoint {

@@ -1,0 +1,249 @@
+//! Actuation you can leave in charge: what a stop, a crash and a restart leave on the
+//! units, a faulted unit still commanded, firmware that never confirms passive mode, and a
+//! unit that ignores its setpoint. Closed loop over real Modbus TCP against the simulator.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fast_site;
+use site_ems::config::{OnStop, SiteConfig, StoreConfig};
+use site_ems::drivers::saj::{self, app_mode, reg};
+use site_ems::runtime::{Ems, EmsOptions};
+use site_ems::sim::lockstep::{ClosedLoop, Excursions, TICK_S};
+
+fn demo() -> SiteConfig {
+    let mut c = fast_site("sites/demo.yaml");
+    c.control.cycle_ms = 1000;
+    c.control.stale_after_s = 3.0;
+    c.simulation.load_noise_pct = 0.0;
+    c
+}
+
+fn with_store(mut c: SiteConfig, dir: &tempfile::TempDir) -> SiteConfig {
+    c.store = Some(StoreConfig {
+        path: dir.path().join("ems.sqlite").display().to_string(),
+    });
+    c
+}
+
+/// The controlled registers of every unit, as the simulated firmware holds them.
+fn controlled(l: &ClosedLoop) -> Vec<Vec<(u16, u16)>> {
+    l.sim.with_model(|m| {
+        m.inverters
+            .iter()
+            .map(|i| saj::CONTROLLED.iter().map(|&a| (a, i.setting(a))).collect())
+            .collect()
+    })
+}
+
+/// Let the site run with nobody in charge for `seconds`, tracking export (+) excursions
+/// over `limit_w`.
+fn run_unattended(l: &mut ClosedLoop, seconds: f64, limit_w: f64) -> Excursions {
+    let mut exc = Excursions::default();
+    let mut t = 0.0;
+    while t < seconds {
+        l.sim.advance(TICK_S);
+        t += TICK_S;
+        exc.observe(t, l.export_w(), limit_w);
+    }
+    exc.finish(t);
+    exc
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_at_midday_keeps_the_export_limit_for_10_minutes_without_the_ems() {
+    let c = demo();
+    let margin = c.control.grid_margin_w;
+    let mut l = ClosedLoop::start(c).await.unwrap();
+    l.run(20.0, |_, _| {}).await;
+    assert!(l
+        .sim
+        .with_model(|m| m.inverters.iter().any(|i| i.pv_w > 1000.0)));
+    l.ems.stop().await;
+    // The load falls away after the EMS has gone: only the units' own limits are left.
+    l.sim.with_model(|m| m.load_step_w = -m.base_load_w);
+    let exc = run_unattended(&mut l, 600.0, margin);
+    assert!(
+        exc.done.is_empty(),
+        "export above 0 W + {margin} W margin with the EMS stopped: {:?}, worst {:.0} W",
+        exc.done,
+        exc.worst_w
+    );
+    l.sim.with_model(|m| {
+        for i in &m.inverters {
+            assert_eq!(i.setting(reg::ANTI_REFLUX_MODE), 1, "export limiting on");
+            assert!(i.battery_w.abs() < 1.0, "battery idle");
+        }
+    });
+    l.assert_clean_writes();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_gives_back_own_settings_but_never_switches_export_limiting_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = with_store(demo(), &dir);
+    c.control.on_stop = OnStop::Release;
+    let mut l = ClosedLoop::start(c).await.unwrap();
+    // The installer left export limiting off and the units in self-use.
+    l.sim.with_model(|m| {
+        for i in m.inverters.iter_mut() {
+            i.settings.insert(reg::APP_MODE, app_mode::SELF_USE);
+            i.settings.insert(reg::ANTI_REFLUX_MODE, 0);
+            i.settings.insert(reg::ANTI_REFLUX_POWER, 1000);
+        }
+    });
+    l.run(10.0, |_, _| {}).await;
+    l.ems.stop().await;
+    l.sim.with_model(|m| {
+        for i in &m.inverters {
+            assert_eq!(i.app_mode(), app_mode::SELF_USE, "own mode back");
+            assert_ne!(i.setting(reg::ANTI_REFLUX_MODE), 0, "limiting left on");
+            assert_eq!(
+                i.setting(reg::ANTI_REFLUX_POWER),
+                0,
+                "cap at its share of 0 W"
+            );
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_restart_and_stop_write_back_the_values_from_before_the_ems() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = with_store(demo(), &dir);
+    c.control.on_stop = OnStop::Release;
+    let mut l = ClosedLoop::start(c.clone()).await.unwrap();
+    // Pre-EMS values that a zero-export site may keep: self-use, limiting on at 0 ‰.
+    l.sim.with_model(|m| {
+        for i in m.inverters.iter_mut() {
+            i.settings.insert(reg::APP_MODE, app_mode::SELF_USE);
+            i.settings.insert(reg::ANTI_REFLUX_MODE, 1);
+            i.settings.insert(reg::ANTI_REFLUX_POWER, 0);
+        }
+    });
+    let before = controlled(&l);
+    l.run(10.0, |_, _| {}).await;
+    l.ems.flush_store(Duration::from_secs(5)).await.unwrap();
+    assert!(
+        l.sim.with_model(|m| m
+            .inverters
+            .iter()
+            .all(|i| i.app_mode() == app_mode::PASSIVE)),
+        "the EMS took over"
+    );
+    // kill -9: the EMS is gone without a stop; a new one starts on the same store.
+    let (ems, _api) = Ems::with_options(l.sim.rewire(&c), l.sim.clock(), EmsOptions::default());
+    drop(std::mem::replace(&mut l.ems, ems));
+    l.run(10.0, |_, _| {}).await;
+    l.ems.stop().await;
+    assert_eq!(
+        controlled(&l),
+        before,
+        "the unit's own values, not the EMS's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_unit_with_a_fault_bit_is_brought_under_a_0_w_limit_within_5_s() {
+    let c = demo();
+    let margin = c.control.grid_margin_w;
+    let mut l = ClosedLoop::start(c).await.unwrap();
+    l.run(20.0, |_, _| {}).await;
+    // Little load, every other battery full: only the faulted unit can be turned down. It
+    // reports "battery voltage high" and discharges 5 kW on top of its PV.
+    l.sim.with_model(|m| {
+        m.base_load_w = 500.0;
+        m.peak_load_w = 500.0;
+        for (k, i) in m.inverters.iter_mut().enumerate() {
+            if k == 0 {
+                i.fault_words[1] = 1 << 22;
+                i.settings
+                    .insert(reg::PASSIVE_ENABLE, saj::passive::DISCHARGE);
+                i.settings.insert(reg::PASSIVE_BAT_DISCHARGE, 500);
+                i.settings.insert(reg::ANTI_REFLUX_POWER, 1000);
+            } else {
+                i.soc_pct = 100.0;
+            }
+        }
+    });
+    let t0 = l.t_s;
+    let mut last_over = None;
+    l.run(30.0, |t, m| {
+        if -m.truth.grid_w.iter().sum::<f64>() > margin {
+            last_over = Some(t);
+        }
+    })
+    .await;
+    let back_after = last_over.map_or(0.0, |t| t - t0);
+    assert!(
+        back_after <= 5.0,
+        "export over the limit until {back_after:.1} s"
+    );
+    let status = serde_json::to_value(l.ems.status().unwrap().as_ref()).unwrap();
+    assert_eq!(status["inverters"][0]["held"], "faulted");
+    assert_eq!(status["inverters"][0]["setpoint"]["battery_w"], 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firmware_that_never_confirms_passive_mode_gets_bounded_writes_and_an_alarm() {
+    let mut l = ClosedLoop::start(demo()).await.unwrap();
+    l.sim
+        .with_model(|m| m.inverters[0].mirrors_app_mode = false);
+    l.run(600.0, |_, _| {}).await;
+    let mode_writes = l
+        .sim
+        .writes()
+        .iter()
+        .filter(|w| w.device == "inv01" && w.addr == reg::APP_MODE)
+        .count();
+    println!("AppMode writes to inv01 in 10 minutes: {mode_writes}");
+    assert!(
+        mode_writes <= 1 + site_ems::io::actuation::CONFIRM_ATTEMPTS as usize,
+        "{mode_writes} AppMode writes"
+    );
+    let status = serde_json::to_value(l.ems.status().unwrap().as_ref()).unwrap();
+    assert_eq!(status["inverters"][0]["alarm"], "passive_not_confirmed");
+    assert_eq!(status["inverters"][1]["alarm"], serde_json::Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_ignoring_its_setpoint_is_not_following_and_the_others_cover() {
+    let mut c = demo();
+    c.control.follow_after_s = 10.0;
+    let margin = c.control.grid_margin_w;
+    let mut l = ClosedLoop::start(c).await.unwrap();
+    l.run(20.0, |_, _| {}).await;
+    // inv02 keeps discharging 4 kW whatever it is told.
+    l.sim.with_model(|m| {
+        let i = &mut m.inverters[1];
+        i.battery_w = 4000.0;
+        i.ignores_setpoint = true;
+    });
+    let t0 = l.t_s;
+    let mut marked_at = None;
+    // Until it is marked the EMS counts on its setpoint; from then on the others cover.
+    let mut exc = Excursions::default();
+    while l.t_s < t0 + 60.0 {
+        l.tick().await;
+        let s = serde_json::to_value(l.ems.status().unwrap().as_ref()).unwrap();
+        if s["inverters"][1]["held"] == "not_following" {
+            marked_at.get_or_insert(l.t_s - t0);
+        }
+        if marked_at.is_some() {
+            exc.observe(l.t_s, l.export_w(), margin);
+        }
+    }
+    exc.finish(l.t_s);
+    let marked_at = marked_at.expect("inv02 marked not_following");
+    println!(
+        "marked not_following after {marked_at:.1} s; then excursions {:?}",
+        exc.done
+    );
+    assert!(marked_at <= 10.0 + 3.0, "marked after {marked_at:.1} s");
+    assert!(
+        exc.longest_s() <= 2.0,
+        "excursions once marked {:?}",
+        exc.done
+    );
+}
