@@ -338,6 +338,11 @@ fn nan_infinity_and_out_of_range_numbers_are_refused_where_they_stand() {
         ("ramp_pct_per_s", "0"),
         ("deadband_w", "99999"),
         ("frozen_after_s", "1"),
+        ("deadband_pct", "21"),
+        ("min_write_interval_s", "-1"),
+        ("direction_dwell_s", "4000"),
+        ("follow_after_s", "1"),
+        ("follow_tolerance_pct", "0"),
     ] {
         cases.push((
             format!("control.{field}"),
@@ -516,5 +521,22 @@ fn a_fail_safe_budget_over_5_s_is_refused() {
         inverter("a", "lan1", 1, "saj-h2")
     )
     .replace("    baud: 9600\n", "    baud: 9600\n    timeout_ms: 500\n");
+    SiteConfig::from_str("site.yaml", &ok).unwrap();
+}
+
+#[test]
+fn release_on_stop_needs_a_store_to_keep_the_units_own_settings() {
+    let text = format!(
+        "{BASE}{}control:\n  on_stop: release\n",
+        inverter("a", "lan1", 1, "saj-h2")
+    );
+    let errs = errors(&text);
+    let e = errs
+        .iter()
+        .find(|e| e.message.contains("on_stop: release"))
+        .unwrap_or_else(|| panic!("{errs:?}"));
+    assert_eq!(e.line, line_of(&text, "on_stop"));
+    assert!(e.hint.contains("store"), "{}", e.hint);
+    let ok = format!("{text}store:\n  path: ems.sqlite\n");
     SiteConfig::from_str("site.yaml", &ok).unwrap();
 }
