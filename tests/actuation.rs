@@ -205,6 +205,24 @@ async fn firmware_that_never_confirms_passive_mode_gets_bounded_writes_and_an_al
     let status = serde_json::to_value(l.ems.status().unwrap().as_ref()).unwrap();
     assert_eq!(status["inverters"][0]["alarm"], "passive_not_confirmed");
     assert_eq!(status["inverters"][1]["alarm"], serde_json::Value::Null);
+
+    // The alarm holds back re-writes that 0x4022 asks for, not those the registers
+    // themselves show: an installer puts the unit in self-use, the read-back sees it.
+    l.sim.with_model(|m| {
+        m.inverters[0]
+            .settings
+            .insert(reg::APP_MODE, app_mode::SELF_USE)
+    });
+    l.run(
+        site_ems::io::actuation::READBACK_EVERY.as_secs_f64() + 5.0,
+        |_, _| {},
+    )
+    .await;
+    assert_eq!(
+        l.sim.with_model(|m| m.inverters[0].app_mode()),
+        app_mode::PASSIVE,
+        "mode written again after the read-back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::rs485_on_ptys;
+use site_ems::drivers::saj::reg;
 use site_ems::sim::lockstep::{ClosedLoop, Excursions};
 use site_ems::sim::Behaviour;
 
@@ -51,6 +52,29 @@ async fn six_inverters_on_three_pairs_and_a_meter_all_healthy() {
         .frequency_hz
         .is_some_and(|f| (49.0..51.0).contains(&f)));
     l.assert_clean_writes();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passive_mode_is_written_once_although_0x4022_is_read_every_few_seconds() {
+    // On RS485 the status block (and 0x4022 with it) is read every few seconds, not every
+    // cycle: a reading from before the takeover must not count as "not confirmed".
+    let (mut l, _pairs) = loop_on_ptys(9600).await;
+    run_cycles(&mut l, 20).await;
+    let status = l.ems.status().unwrap();
+    for inv in &status.inverters {
+        assert_eq!(inv.alarm, None, "{}", inv.id);
+        let mode_writes = l
+            .sim
+            .writes()
+            .iter()
+            .filter(|w| w.device == inv.id && w.addr == reg::APP_MODE)
+            .count();
+        assert_eq!(
+            mode_writes, 1,
+            "{}: AppMode written {mode_writes} times",
+            inv.id
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,15 +11,17 @@
 use super::constraints::Constraints;
 use super::params::{ControlParams, GridLimit};
 
-/// Per unit, in config order: the most AC output it may deliver with the EMS gone, W.
+/// Per unit, in config order: the most AC output it may deliver with the EMS gone, W. The
+/// site's export limit from `p` and every export limit and DRM in `c` are kept.
 pub fn stop_caps(p: &ControlParams, c: &Constraints) -> Vec<f64> {
     if c.standby {
         return vec![0.0; p.units.len()];
     }
-    let alpha = c
-        .export
-        .iter()
-        .map(|cap| share(p, cap.limit))
+    // The site's own limit always holds, whether or not a cycle has gathered it into `c`
+    // yet (a stop before the first cycle).
+    let alpha = std::iter::once(p.export)
+        .chain(c.export.iter().map(|cap| cap.limit))
+        .map(|limit| share(p, limit))
         .fold(1.0_f64, f64::min)
         .clamp(0.0, 1.0);
     let generation = c.generation_pct.map_or(1.0, |pct| pct / 100.0);
@@ -83,6 +85,12 @@ mod tests {
     fn zero_export_leaves_zero_everywhere() {
         let p = params_with(&[&Phase::ALL, &Phase::ALL], GridLimit::Total(0.0));
         assert_eq!(stop_caps(&p, &site(p.export)), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn the_site_limit_holds_even_before_any_constraint_was_gathered() {
+        let p = params_with(&[&Phase::ALL, &Phase::ALL], GridLimit::Total(0.0));
+        assert_eq!(stop_caps(&p, &Constraints::default()), vec![0.0, 0.0]);
     }
 
     #[test]

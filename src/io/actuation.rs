@@ -68,6 +68,11 @@ pub struct Actuator {
     /// Set when `original` was learnt from the unit (not from the store): to be stored.
     original_is_new: bool,
     read_back_at: Option<Duration>,
+    /// `0x3647` read back other than we wrote it: real evidence, so the mode is written
+    /// again even while the alarm holds back re-writes `0x4022` asks for.
+    mode_read_back_differs: bool,
+    /// The `0x4022` reading last weighed by [`Actuator::confirm_mode`].
+    mode_checked_at: Option<Duration>,
     unconfirmed: u32,
     pub alarm: Option<Alarm>,
 }
@@ -85,6 +90,8 @@ impl Actuator {
             original: None,
             original_is_new: false,
             read_back_at: None,
+            mode_read_back_differs: false,
+            mode_checked_at: None,
             unconfirmed: 0,
             alarm: None,
         }
@@ -139,12 +146,20 @@ impl Actuator {
         self.held.retain(|(a, _)| *a != addr);
     }
 
-    /// What `0x4022` says the unit runs. Not passive while we control it: write the mode
-    /// again, a bounded number of times, then raise the alarm and stop writing it.
-    pub fn confirm_mode(&mut self, reported: u16) {
-        if !self.controls() {
+    /// What `0x4022` said the unit runs, read at `read_at`. Not passive while we control
+    /// it: write the mode again, a bounded number of times, then raise the alarm and stop
+    /// writing it. Only a read taken after our last write of the mode counts (the same
+    /// reading seen again, or one older than the write, says nothing new).
+    pub fn confirm_mode(&mut self, reported: u16, read_at: Duration) {
+        let after_write = self
+            .held(reg::APP_MODE)
+            .and_then(|h| h.written_at)
+            .is_none_or(|w| read_at > w);
+        let seen = self.mode_checked_at.is_some_and(|t| read_at <= t);
+        if !self.controls() || !after_write || seen {
             return;
         }
+        self.mode_checked_at = Some(read_at);
         if reported == app_mode::PASSIVE {
             self.unconfirmed = 0;
             self.alarm = None;
@@ -159,7 +174,7 @@ impl Actuator {
                 device = %self.device,
                 reported,
                 "the unit does not confirm passive mode after {CONFIRM_ATTEMPTS} writes; \
-                 not writing the mode again until it does or its registers read back otherwise"
+                 the mode is written again only if 0x3647 reads back otherwise"
             );
             self.alarm = Some(Alarm::PassiveNotConfirmed);
         }
@@ -199,6 +214,7 @@ impl Actuator {
             match self.held(addr) {
                 Some(h) if h.value == value => {}
                 Some(h) => {
+                    self.mode_read_back_differs |= addr == reg::APP_MODE;
                     tracing::info!(
                         device = %self.device,
                         register = format!("{addr:#06x}"),
@@ -262,8 +278,10 @@ impl Actuator {
         }
         if let Some(mode) = value_of(reg::APP_MODE) {
             let alarmed = self.alarm == Some(Alarm::PassiveNotConfirmed);
-            if !alarmed && self.held(reg::APP_MODE).is_none_or(|h| h.value != mode) {
+            let differs = self.held(reg::APP_MODE).is_none_or(|h| h.value != mode);
+            if differs && (!alarmed || self.mode_read_back_differs) {
                 sent += self.write(reg::APP_MODE, mode, now).await?;
+                self.mode_read_back_differs = false;
             }
         }
         if let Some(cap) = value_of(reg::ANTI_REFLUX_POWER) {
@@ -322,15 +340,21 @@ impl Actuator {
             battery_w: 0.0,
             output_cap_w: cap_w,
         };
-        for (addr, value) in stop_order(saj::encode_command(self.rated_w, &cmd)) {
-            self.link
-                .write(&self.device, self.unit, addr, value)
-                .await?;
-            if let Some(o) = &self.observer {
-                o.write(&self.device, addr, true);
-            }
-        }
+        self.write_in_order(stop_order(saj::encode_command(self.rated_w, &cmd)))
+            .await
+    }
+
+    /// Every write of `writes`, in order, stopping at the first failure; what the unit
+    /// holds is unknown afterwards (nobody is left to keep track).
+    async fn write_in_order(&mut self, writes: Vec<(u16, u16)>) -> Result<(), LinkError> {
         self.held.clear();
+        for (addr, value) in writes {
+            let result = self.link.write(&self.device, self.unit, addr, value).await;
+            if let Some(o) = &self.observer {
+                o.write(&self.device, addr, result.is_ok());
+            }
+            result?;
+        }
         Ok(())
     }
 
@@ -341,17 +365,9 @@ impl Actuator {
         let Some(original) = self.original.clone() else {
             return Ok(false);
         };
-        let writes = release_values(&original, self.rated_w, cap_w);
-        for (addr, value) in writes {
-            self.link
-                .write(&self.device, self.unit, addr, value)
-                .await?;
-            if let Some(o) = &self.observer {
-                o.write(&self.device, addr, true);
-            }
-        }
+        self.write_in_order(release_values(&original, self.rated_w, cap_w))
+            .await?;
         self.original = None;
-        self.held.clear();
         Ok(true)
     }
 }

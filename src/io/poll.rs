@@ -220,6 +220,12 @@ impl InverterPoller {
         &self.link
     }
 
+    /// When the status values (working mode, `0x4022`, faults) were last read; on RS485
+    /// they are read every few seconds, not every cycle.
+    pub fn status_read_at(&self) -> Option<Duration> {
+        self.status_read_at
+    }
+
     async fn read(&self, block: ReadBlock) -> Result<Vec<u16>, LinkError> {
         self.link.read(&self.device, self.cfg.unit_id, block).await
     }

@@ -244,8 +244,8 @@ impl Devices {
         now: Duration,
     ) -> Vec<(String, Vec<(u16, u16)>)> {
         for (poller, actuator) in self.inverters.iter().zip(self.actuators.iter_mut()) {
-            if let Some(r) = poller.reading.as_ref() {
-                actuator.confirm_mode(r.app_mode);
+            if let (Some(r), Some(at)) = (poller.reading.as_ref(), poller.status_read_at()) {
+                actuator.confirm_mode(r.app_mode, at);
             }
         }
         let urgent = decision.urgent;
