@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use site_ems::config::SiteConfig;
 use site_ems::control::{self, ControlParams, ControlState};
-use site_ems::sim::lockstep::{ClosedLoop, Excursions};
+use site_ems::sim::lockstep::ClosedLoop;
 
 fn demo() -> SiteConfig {
     let mut c = SiteConfig::load(Path::new("sites/demo.yaml")).expect("demo site");
@@ -183,19 +183,8 @@ async fn step_response(cycle_ms: u64) -> serde_json::Value {
     c.control.cycle_ms = cycle_ms;
     let mut l = ClosedLoop::start(c).await.expect("simulator");
     l.run(60.0, |_, _| {}).await;
-    l.sim.with_model(|m| m.load_step_w = -5000.0);
-    let t0 = l.t_s;
-    let mut exc = Excursions::default();
-    let mut back_after = None;
-    l.run(60.0, |t, m| {
-        let export: f64 = -m.truth.grid_w.iter().sum::<f64>();
-        exc.observe(t, export, 0.0);
-        if export <= 0.0 && back_after.is_none() {
-            back_after = Some(t - t0);
-        }
-    })
-    .await;
-    exc.finish(l.t_s);
+    let r = l.load_step_response(-5000.0, 0.0, 60.0).await;
+    let (back_after, exc) = (r.back_after_s, r.excursions);
     json!({
         "load_drop_w": 5000,
         "export_limit_w": 0,

@@ -6,19 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::fast_site;
+use common::demo_1s;
 use site_ems::config::{OnStop, SiteConfig, StoreConfig};
 use site_ems::drivers::saj::{self, app_mode, reg};
 use site_ems::runtime::{Ems, EmsOptions};
 use site_ems::sim::lockstep::{ClosedLoop, Excursions, TICK_S};
-
-fn demo() -> SiteConfig {
-    let mut c = fast_site("sites/demo.yaml");
-    c.control.cycle_ms = 1000;
-    c.control.stale_after_s = 3.0;
-    c.simulation.load_noise_pct = 0.0;
-    c
-}
 
 fn with_store(mut c: SiteConfig, dir: &tempfile::TempDir) -> SiteConfig {
     c.store = Some(StoreConfig {
@@ -53,7 +45,7 @@ fn run_unattended(l: &mut ClosedLoop, seconds: f64, limit_w: f64) -> Excursions 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_stop_at_midday_keeps_the_export_limit_for_10_minutes_without_the_ems() {
-    let c = demo();
+    let c = demo_1s();
     let margin = c.control.grid_margin_w;
     let mut l = ClosedLoop::start(c).await.unwrap();
     l.run(20.0, |_, _| {}).await;
@@ -82,7 +74,7 @@ async fn a_clean_stop_at_midday_keeps_the_export_limit_for_10_minutes_without_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_gives_back_own_settings_but_never_switches_export_limiting_off() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = with_store(demo(), &dir);
+    let mut c = with_store(demo_1s(), &dir);
     c.control.on_stop = OnStop::Release;
     let mut l = ClosedLoop::start(c).await.unwrap();
     // The installer left export limiting off and the units in self-use.
@@ -111,7 +103,7 @@ async fn release_gives_back_own_settings_but_never_switches_export_limiting_off(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_restart_and_stop_write_back_the_values_from_before_the_ems() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = with_store(demo(), &dir);
+    let mut c = with_store(demo_1s(), &dir);
     c.control.on_stop = OnStop::Release;
     let mut l = ClosedLoop::start(c.clone()).await.unwrap();
     // Pre-EMS values that a zero-export site may keep: self-use, limiting on at 0 ‰.
@@ -146,7 +138,7 @@ async fn kill_9_restart_and_stop_write_back_the_values_from_before_the_ems() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_unit_with_a_fault_bit_is_brought_under_a_0_w_limit_within_5_s() {
-    let c = demo();
+    let c = demo_1s();
     let margin = c.control.grid_margin_w;
     let mut l = ClosedLoop::start(c).await.unwrap();
     l.run(20.0, |_, _| {}).await;
@@ -187,7 +179,7 @@ async fn a_running_unit_with_a_fault_bit_is_brought_under_a_0_w_limit_within_5_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn firmware_that_never_confirms_passive_mode_gets_bounded_writes_and_an_alarm() {
-    let mut l = ClosedLoop::start(demo()).await.unwrap();
+    let mut l = ClosedLoop::start(demo_1s()).await.unwrap();
     l.sim
         .with_model(|m| m.inverters[0].mirrors_app_mode = false);
     l.run(600.0, |_, _| {}).await;
@@ -227,7 +219,7 @@ async fn firmware_that_never_confirms_passive_mode_gets_bounded_writes_and_an_al
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_ignoring_its_setpoint_is_not_following_and_the_others_cover() {
-    let mut c = demo();
+    let mut c = demo_1s();
     c.control.follow_after_s = 10.0;
     let margin = c.control.grid_margin_w;
     let mut l = ClosedLoop::start(c).await.unwrap();

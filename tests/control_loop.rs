@@ -3,23 +3,15 @@
 
 mod common;
 
-use common::fast_site;
+use common::demo_1s;
 use site_ems::config::SiteConfig;
 use site_ems::drivers::saj::{app_mode, reg};
 use site_ems::sim::lockstep::{ClosedLoop, Excursions};
 use std::time::Duration;
 
-fn demo() -> SiteConfig {
-    let mut c = fast_site("sites/demo.yaml");
-    c.control.cycle_ms = 1000;
-    c.control.stale_after_s = 3.0;
-    c.simulation.load_noise_pct = 0.0;
-    c
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_drop_at_sunny_midday_export_back_under_zero_within_2_s() {
-    let mut l = ClosedLoop::start(demo()).await.unwrap();
+    let mut l = ClosedLoop::start(demo_1s()).await.unwrap();
     l.run(30.0, |_, _| {}).await;
     assert!(
         l.export_w() <= 0.0,
@@ -27,20 +19,9 @@ async fn load_drop_at_sunny_midday_export_back_under_zero_within_2_s() {
         l.export_w()
     );
 
-    l.sim.with_model(|m| m.load_step_w = -5000.0);
-    let t0 = l.t_s;
-    let mut exc = Excursions::default();
-    let mut back_at = None;
-    l.run(30.0, |t, m| {
-        let export: f64 = -m.truth.grid_w.iter().sum::<f64>();
-        exc.observe(t, export, 0.0);
-        if export <= 0.0 && back_at.is_none() && t > t0 {
-            back_at = Some(t - t0);
-        }
-    })
-    .await;
-    exc.finish(l.t_s);
-    let back = back_at.expect("export came back under the limit");
+    let r = l.load_step_response(-5000.0, 0.0, 30.0).await;
+    let exc = r.excursions;
+    let back = r.back_after_s.expect("export came back under the limit");
     assert!(back <= 2.0, "export back under the limit after {back:.1} s");
     assert!(exc.longest_s() <= 2.0, "excursions {:?}", exc.done);
     l.assert_clean_writes();
@@ -49,7 +30,7 @@ async fn load_drop_at_sunny_midday_export_back_under_zero_within_2_s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_simulated_day_with_random_load_steps_has_no_15_s_excursion() {
     use rand::{Rng, SeedableRng};
-    let mut c = demo();
+    let mut c = demo_1s();
     c.simulation.start = Some("2026-06-21T00:00".into());
     c.simulation.load_noise_pct = 3.0;
     let mut l = ClosedLoop::start(c).await.unwrap();
@@ -205,7 +186,7 @@ fn safe_state(l: &ClosedLoop) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grid_meter_lost_sends_fleet_to_safe_state_within_5_s_and_recovers() {
-    let mut l = ClosedLoop::start(demo()).await.unwrap();
+    let mut l = ClosedLoop::start(demo_1s()).await.unwrap();
     l.run(20.0, |_, _| {}).await;
     // Midday: without control the fleet would push tens of kW out.
     assert!(!safe_state(&l));
@@ -251,7 +232,7 @@ async fn grid_meter_lost_sends_fleet_to_safe_state_within_5_s_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_inverter_others_absorb_a_load_drop() {
-    let mut l = ClosedLoop::start(demo()).await.unwrap();
+    let mut l = ClosedLoop::start(demo_1s()).await.unwrap();
     l.run(20.0, |_, _| {}).await;
     // inv03 stops answering but keeps running its last setpoint; then the load drops.
     assert!(l.sim.stop_device("inv03"));
@@ -277,7 +258,7 @@ async fn out_of_range_requests_are_clamped_before_the_wire() {
     use site_ems::io::link::Link;
     use std::sync::Arc;
 
-    let config = demo();
+    let config = demo_1s();
     let sim = site_ems::sim::SimSite::start(&config).await.unwrap();
     let wired = sim.rewire(&config);
     let link = Link::spawn(wired.link("sim-inv01").unwrap(), None);
@@ -347,7 +328,7 @@ async fn out_of_range_requests_are_clamped_before_the_wire() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_of_use_charge_window_charges_at_night_then_self_consumption() {
-    let mut c = demo();
+    let mut c = demo_1s();
     c.simulation.start = Some("2026-06-21T01:50".into());
     c.working_mode.mode = site_ems::config::WorkingMode::TimeOfUse;
     c.working_mode.periods = vec![site_ems::config::TouPeriod {

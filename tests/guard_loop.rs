@@ -7,21 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{all_healthy, fast_site, Harness};
+use common::{all_healthy, demo_1s, fast_site, Harness};
 use serde_json::{json, Value};
 use site_ems::config::{DrConfig, SiteConfig, StoreConfig, WorkingMode};
 use site_ems::drivers::saj::{app_mode, reg};
 use site_ems::runtime::EmsOptions;
-use site_ems::sim::lockstep::{ClosedLoop, Excursions};
+use site_ems::sim::lockstep::ClosedLoop;
 use site_ems::sim::Behaviour;
-
-fn demo() -> SiteConfig {
-    let mut c = fast_site("sites/demo.yaml");
-    c.control.cycle_ms = 1000;
-    c.control.stale_after_s = 3.0;
-    c.simulation.load_noise_pct = 0.0;
-    c
-}
 
 fn status(l: &ClosedLoop) -> Value {
     serde_json::to_value(l.ems.status().expect("a cycle has run").as_ref()).unwrap()
@@ -29,7 +21,7 @@ fn status(l: &ClosedLoop) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_drop_while_a_slow_plan_solves_is_caught_within_2_s() {
-    let mut c = demo();
+    let mut c = demo_1s();
     c.working_mode.mode = WorkingMode::Plan;
     // Lock-step runs minutes of site time per wall second: keep the plan fresh for a day so
     // it is still in force when it arrives.
@@ -50,25 +42,14 @@ async fn a_load_drop_while_a_slow_plan_solves_is_caught_within_2_s() {
     );
     assert!(l.export_w() <= 0.0, "settled: export {}", l.export_w());
 
-    l.sim.with_model(|m| m.load_step_w = -5000.0);
-    let t0 = l.t_s;
-    let mut exc = Excursions::default();
-    let mut back_at = None;
-    l.run(30.0, |t, m| {
-        let export: f64 = -m.truth.grid_w.iter().sum::<f64>();
-        exc.observe(t, export, 0.0);
-        if export <= 0.0 && back_at.is_none() && t > t0 {
-            back_at = Some(t - t0);
-        }
-    })
-    .await;
-    exc.finish(l.t_s);
+    let r = l.load_step_response(-5000.0, 0.0, 30.0).await;
+    let exc = r.excursions;
     let s = status(&l);
     assert_eq!(
         s["plan"]["solving"], true,
         "the drop came while the plan solved"
     );
-    let back = back_at.expect("export came back under the limit");
+    let back = r.back_after_s.expect("export came back under the limit");
     assert!(back <= 2.0, "export back under the limit after {back:.1} s");
     assert!(exc.longest_s() <= 2.0, "excursions {:?}", exc.done);
     assert_eq!(s["guard_loop"]["overruns"], 0, "{:#}", s["guard_loop"]);
@@ -278,7 +259,7 @@ fn safe_state(l: &ClosedLoop) -> bool {
 /// return how long it took until every unit was in the safe state; check the reason status
 /// gives and that control resumes once the meter is back.
 async fn meter_fault(behaviour: Behaviour, reason: &str, then: impl FnOnce(&ClosedLoop)) -> f64 {
-    let mut l = ClosedLoop::start(demo()).await.unwrap();
+    let mut l = ClosedLoop::start(demo_1s()).await.unwrap();
     l.run(20.0, |_, _| {}).await;
     assert!(!safe_state(&l), "midday: the fleet is producing");
     let t0 = l.t_s;
@@ -331,7 +312,7 @@ async fn a_frozen_grid_meter_ends_in_the_safe_state_within_frozen_after_plus_5_s
         })
     })
     .await;
-    let frozen_after = demo().control.frozen_after_s;
+    let frozen_after = demo_1s().control.frozen_after_s;
     assert!(
         safe_at <= frozen_after + 5.0,
         "safe after {safe_at:.1} s (frozen_after_s {frozen_after})"

@@ -94,6 +94,34 @@ impl ClosedLoop {
         }
     }
 
+    /// Change the site's load by `step_w` (− a drop, split by the phase shares) and watch
+    /// the export for `seconds`: how long until it is at or under `limit_w` again, and every
+    /// excursion above it.
+    pub async fn load_step_response(
+        &mut self,
+        step_w: f64,
+        limit_w: f64,
+        seconds: f64,
+    ) -> StepResponse {
+        self.sim.with_model(|m| m.load_step_w = step_w);
+        let t0 = self.t_s;
+        let mut excursions = Excursions::default();
+        let mut back_after_s = None;
+        self.run(seconds, |t, m| {
+            let export: f64 = -m.truth.grid_w.iter().sum::<f64>();
+            excursions.observe(t, export, limit_w);
+            if export <= limit_w && back_after_s.is_none() && t > t0 {
+                back_after_s = Some(t - t0);
+            }
+        })
+        .await;
+        excursions.finish(self.t_s);
+        StepResponse {
+            back_after_s,
+            excursions,
+        }
+    }
+
     /// Export per phase right now (+ export), from the simulator's ground truth.
     pub fn phase_export_w(&self) -> [f64; 3] {
         self.sim.with_model(|m| m.truth.grid_w.map(|g| -g))
@@ -117,6 +145,14 @@ impl ClosedLoop {
             );
         }
     }
+}
+
+/// The export's answer to a load step: see [`ClosedLoop::load_step_response`].
+#[derive(Debug)]
+pub struct StepResponse {
+    /// Site seconds until export was at or under the limit again (`None`: never).
+    pub back_after_s: Option<f64>,
+    pub excursions: Excursions,
 }
 
 /// Excursions of a signal above a limit: their durations in seconds.

@@ -27,6 +27,15 @@ pub fn fast_site(path: &str) -> SiteConfig {
     c
 }
 
+/// The demo site for closed loops: 1 s cycles, 3 s staleness, no load noise.
+pub fn demo_1s() -> SiteConfig {
+    let mut c = fast_site("sites/demo.yaml");
+    c.control.cycle_ms = 1000;
+    c.control.stale_after_s = 3.0;
+    c.simulation.load_noise_pct = 0.0;
+    c
+}
+
 impl Harness {
     pub async fn start(config: SiteConfig) -> Harness {
         let sim = SimSite::start(&config).await.expect("simulator starts");
