@@ -540,3 +540,17 @@ fn release_on_stop_needs_a_store_to_keep_the_units_own_settings() {
     let ok = format!("{text}store:\n  path: ems.sqlite\n");
     SiteConfig::from_str("site.yaml", &ok).unwrap();
 }
+
+#[test]
+fn follow_time_shorter_than_the_write_interval_is_refused() {
+    let text = format!(
+        "{BASE}{}control:\n  min_write_interval_s: 60\n  follow_after_s: 30\n",
+        inverter("a", "lan1", 1, "saj-h2")
+    );
+    let errs = errors(&text);
+    let e = errs
+        .iter()
+        .find(|e| e.message.contains("min_write_interval_s"))
+        .unwrap_or_else(|| panic!("{errs:?}"));
+    assert_eq!(e.line, line_of(&text, "follow_after_s"));
+}

@@ -596,6 +596,16 @@ fn control_and_mode(c: &SiteConfig, r: &mut Report) {
             );
         }
     }
+    if c.control.follow_after_s <= c.control.min_write_interval_s {
+        r.err(
+            path!["control", "follow_after_s"],
+            format!(
+                "follow_after_s {} is not longer than min_write_interval_s {}: a setpoint held back by the write interval would look like a unit not following",
+                c.control.follow_after_s, c.control.min_write_interval_s
+            ),
+            "make follow_after_s longer than min_write_interval_s (defaults 30 and 10)",
+        );
+    }
     if c.control.on_stop == OnStop::Release && c.store.is_none() {
         r.err(
             path!["control", "on_stop"],

@@ -262,7 +262,11 @@ impl Actuator {
                 sent += self.write(reg::ANTI_REFLUX_MODE, on, now).await?;
             }
         }
-        self.read_back(now).await?;
+        if let Err(e) = self.read_back(now).await {
+            // Only the check is lost: the writes below still go out, and the read is
+            // tried again next cycle.
+            tracing::debug!(device = %self.device, "control registers not read back: {e}");
+        }
         // The battery registers, as a group, then the mode, then a cap that rises.
         let battery: Vec<(u16, u16)> = want
             .iter()
