@@ -141,7 +141,9 @@ async fn latency_under_dr_load(cycles: usize) -> serde_json::Value {
     r
 }
 
-fn decision_only(iterations: usize) -> serde_json::Value {
+/// `control::step` alone on the demo fleet. With `full` batteries the surplus can only be
+/// curtailed, so the export limit binds and the limits solve runs every cycle.
+fn decision_only(iterations: usize, full: bool) -> serde_json::Value {
     let c = demo();
     let p = ControlParams::from_config(&c);
     let snapshot = control::Snapshot {
@@ -162,8 +164,8 @@ fn decision_only(iterations: usize) -> serde_json::Value {
                     ac_phase_w: [2000.0; 3],
                     ac_w: 6000.0,
                     pv_w: 8000.0,
-                    battery_w: -2000.0,
-                    soc_pct: 60.0,
+                    battery_w: if full { 0.0 } else { -2000.0 },
+                    soc_pct: if full { 100.0 } else { 60.0 },
                 }),
             })
             .collect(),
@@ -175,7 +177,12 @@ fn decision_only(iterations: usize) -> serde_json::Value {
         std::hint::black_box(control::step(&p, std::hint::black_box(&snapshot), &state));
     }
     let per = t.elapsed().as_secs_f64() / iterations as f64;
-    json!({ "iterations": iterations, "mean_us": per * 1e6 })
+    let (d, _) = control::step(&p, &snapshot, &state);
+    json!({
+        "iterations": iterations,
+        "mean_us": per * 1e6,
+        "binding": d.binding.map(|b| b.label()),
+    })
 }
 
 async fn step_response(cycle_ms: u64) -> serde_json::Value {
@@ -225,7 +232,8 @@ fn main() {
     let latency = rt.block_on(cycle_latency(1000));
     let planning = rt.block_on(latency_while_planning(500));
     let dr_load = rt.block_on(latency_under_dr_load(3000));
-    let decision = decision_only(20_000);
+    let decision = decision_only(20_000, false);
+    let decision_binding = decision_only(2_000, true);
     let writes = rt.block_on(writes_per_unit_hour(24.0));
     let responses: Vec<_> = [1000, 200]
         .into_iter()
@@ -236,6 +244,7 @@ fn main() {
         "cycle_latency_while_planning": planning,
         "cycle_latency_under_dr_events": dr_load,
         "decision_only": decision,
+        "decision_limits_solve": decision_binding,
         "step_response": responses,
         "writes": writes,
     });
@@ -267,8 +276,10 @@ fn main() {
         );
     }
     println!(
-        "  control::step alone: {:.1} µs",
-        decision["mean_us"].as_f64().unwrap_or_default()
+        "  control::step alone: {:.1} µs; with the limits solve ({}): {:.1} µs",
+        decision["mean_us"].as_f64().unwrap_or_default(),
+        decision_binding["binding"],
+        decision_binding["mean_us"].as_f64().unwrap_or_default()
     );
     println!("step response, 5 kW load drop at sunny midday, 0 W export limit:");
     for r in &responses {

@@ -388,6 +388,22 @@ pub struct ControlConfig {
     /// What the units are left with when the EMS stops.
     #[serde(default)]
     pub on_stop: OnStop,
+    /// Which limit holds when an export limit and an import limit cannot both be met
+    /// (an unbalanced site, or loads and generation the EMS does not control).
+    #[serde(default)]
+    pub conflict_priority: ConflictPriority,
+}
+
+/// The limit that holds in a conflict between an export and an import limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictPriority {
+    /// The export limit (the grid connection agreement) holds; import is kept as low as it
+    /// then can be.
+    #[default]
+    Export,
+    /// The import limit (the fuse) holds; export is kept as low as it then can be.
+    Import,
 }
 
 /// What a clean stop leaves on each unit.
@@ -459,6 +475,7 @@ impl Default for ControlConfig {
             follow_after_s: default_follow_after_s(),
             follow_tolerance_pct: default_follow_tolerance_pct(),
             on_stop: OnStop::default(),
+            conflict_priority: ConflictPriority::default(),
         }
     }
 }

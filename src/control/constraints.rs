@@ -106,6 +106,9 @@ pub enum Binding {
         source: Source,
         phase: Option<Phase>,
     },
+    /// An export and an import limit cannot both be met; `control.conflict_priority` says
+    /// which holds.
+    Conflict { export_holds: bool },
     /// A battery at its SOC bound.
     Soc,
     /// The grid meter is lost: every unit in the safe state.
@@ -116,7 +119,8 @@ pub enum Binding {
 
 impl Binding {
     /// The name in status and metrics: `export_limit`, `export_limit:L2`, `import_limit`,
-    /// `dr:export_limit`, `dr:import_limit`, `soc`, `fail_safe`, `dr:drm0`.
+    /// `dr:export_limit`, `dr:import_limit`, `conflict:export_holds`, `conflict:import_holds`,
+    /// `soc`, `fail_safe`, `dr:drm0`.
     pub fn label(&self) -> String {
         let limit = |what: &str, source: &Source, phase: &Option<Phase>| {
             let prefix = match source {
@@ -131,6 +135,10 @@ impl Binding {
         match self {
             Binding::Export { source, phase } => limit("export_limit", source, phase),
             Binding::Import { source, phase } => limit("import_limit", source, phase),
+            Binding::Conflict { export_holds: true } => "conflict:export_holds".into(),
+            Binding::Conflict {
+                export_holds: false,
+            } => "conflict:import_holds".into(),
             Binding::Soc => "soc".into(),
             Binding::FailSafe => "fail_safe".into(),
             Binding::Standby => "dr:drm0".into(),

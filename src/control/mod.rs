@@ -10,6 +10,7 @@ pub mod constraints;
 pub mod dispatch;
 pub mod follow;
 pub mod grid_limit;
+pub mod limits;
 pub mod mode;
 pub mod params;
 pub mod stop;
@@ -113,6 +114,8 @@ pub struct Decision {
     pub fleet_target_w: f64,
     /// Grid power per phase (+ import) expected once the setpoints take effect.
     pub predicted_grid_w: [f64; 3],
+    /// PV the setpoints hold back, summed over the units (W).
+    pub curtailed_w: f64,
 }
 
 /// A unit as the concerns see it while narrowing.
@@ -305,13 +308,25 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             .min((generation_cap(u.rated_w) - u.battery_w).max(0.0));
     }
 
-    // Export and import limits: the site's first, then demand response's on top.
-    let binding = hold_limits(p, c, &mut units, net_w, voltage_v);
+    // Export and import limits, all at once.
+    let in_force = limits_in_force(p, c, voltage_v);
+    let out_max_w: Vec<f64> = units.iter().map(|u| generation_cap(u.rated_w)).collect();
+    let binding = limits::hold(
+        &mut units,
+        net_w,
+        &in_force,
+        p.conflict_priority,
+        &out_max_w,
+    );
 
     // Output caps: the planned output plus this unit's share of what the limit leaves (or
     // a small probe, so more PV can show itself); exactly the plan while curtailing.
-    let export = Allowance::new(p.export, &p.phases, voltage_v, p.margin_w);
-    let residual = grid_limit::residual_share(&units, net_w, export);
+    let residual = in_force
+        .iter()
+        .filter(|l| l.export)
+        .map(|l| grid_limit::residual_share(&units, net_w, l.allowance))
+        .reduce(|a, b| a.iter().zip(b).map(|(x, y)| x.min(y)).collect())
+        .unwrap_or_else(|| vec![0.0; units.len()]);
     let mut setpoints = vec![None; units.len()];
     let mut curtailed = vec![false; units.len()];
     let mut direction = vec![None; units.len()];
@@ -375,6 +390,11 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         }
     }
     let predicted_grid_w = grid_limit::predict(&after, net_w);
+    let curtailed_w = after
+        .iter()
+        .filter(|u| u.controllable)
+        .map(|u| (u.pv_w - u.pv_used_w).max(0.0))
+        .sum();
 
     let binding = binding.or(soc_bound.then_some(Binding::Soc));
     let decision = Decision {
@@ -390,6 +410,7 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         active_mode: intent.active,
         fleet_target_w: intent.fleet_target_w,
         predicted_grid_w,
+        curtailed_w,
     };
     (
         decision,
@@ -456,43 +477,19 @@ impl Turn {
     }
 }
 
-/// Hold every export and import limit in `c` (the site's, then demand response's). Returns
-/// what bound: a demand-response limit before the site's, export before import.
-fn hold_limits(
-    p: &ControlParams,
-    c: &Constraints,
-    units: &mut [UnitView],
-    net_w: [f64; 3],
-    voltage_v: [f64; 3],
-) -> Option<Binding> {
-    let mut held: Vec<Binding> = Vec::new();
-    for source in [Source::Site, Source::DemandResponse] {
-        for cap in c.export.iter().filter(|k| k.source == source) {
-            let a = Allowance::new(cap.limit, &p.phases, voltage_v, p.margin_w);
-            if let Some(b) = grid_limit::hold_export(units, net_w, a) {
-                held.push(Binding::Export {
-                    source,
-                    phase: b.phase(),
-                });
-            }
-        }
-        for cap in c.import.iter().filter(|k| k.source == source) {
-            let a = Allowance::new(cap.limit, &p.phases, voltage_v, p.margin_w);
-            if let Some(b) = grid_limit::hold_import(units, net_w, a) {
-                held.push(Binding::Import {
-                    source,
-                    phase: b.phase(),
-                });
-            }
-        }
-    }
-    let first = |source: Source| {
-        held.iter().copied().find(|b| match b {
-            Binding::Export { source: s, .. } | Binding::Import { source: s, .. } => *s == source,
-            _ => false,
-        })
+/// Every export and import limit in force (the site's and demand response's), with the
+/// margin taken off.
+fn limits_in_force(p: &ControlParams, c: &Constraints, voltage_v: [f64; 3]) -> Vec<limits::Limit> {
+    let limit = |cap: &GridCap, export: bool| limits::Limit {
+        source: cap.source,
+        export,
+        allowance: Allowance::new(cap.limit, &p.phases, voltage_v, p.margin_w),
     };
-    first(Source::DemandResponse).or(first(Source::Site))
+    c.export
+        .iter()
+        .map(|cap| limit(cap, true))
+        .chain(c.import.iter().map(|cap| limit(cap, false)))
+        .collect()
 }
 
 /// Move from `before` towards `want`: rises by at most `ramp`, falls at once; changes under
@@ -557,6 +554,7 @@ fn hold_all(
             active_mode,
             fleet_target_w: 0.0,
             predicted_grid_w: [0.0; 3],
+            curtailed_w: 0.0,
         },
         ControlState {
             last_s: Some(s.mono_s),

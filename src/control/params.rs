@@ -4,7 +4,8 @@ use chrono_tz::Tz;
 
 use crate::config::parse_hhmm;
 use crate::config::{
-    LimitMode, Phase, SiteConfig, TouKind, Weekday, WorkingMode, WorkingModeConfig,
+    ConflictPriority, LimitMode, Phase, SiteConfig, TouKind, Weekday, WorkingMode,
+    WorkingModeConfig,
 };
 
 /// A limit at the grid connection, per phase or for the sum of phases.
@@ -103,6 +104,8 @@ pub struct ControlParams {
     pub deadband_pct: f64,
     /// Least time a battery keeps its direction unless the grid limit needs it to turn.
     pub direction_dwell_s: f64,
+    /// Which limit holds when export and import limits cannot both be met.
+    pub conflict_priority: ConflictPriority,
     pub fail_safe_after_s: f64,
     pub cycle_s: f64,
     pub mode: ModeParams,
@@ -156,6 +159,7 @@ impl ControlParams {
             deadband_w: c.control.deadband_w,
             deadband_pct: c.control.deadband_pct,
             direction_dwell_s: c.control.direction_dwell_s,
+            conflict_priority: c.control.conflict_priority,
             fail_safe_after_s: c.control.fail_safe_after_s,
             cycle_s: c.control.cycle_ms as f64 / 1000.0,
             mode: mode_params(&c.working_mode, tz),

@@ -1,7 +1,7 @@
 use chrono::TimeZone;
 
 use super::*;
-use crate::config::{TouKind, WorkingMode};
+use crate::config::{ConflictPriority, TouKind, WorkingMode};
 use params::{ModeParams, TouWindow};
 
 fn unit(id: &str, rated_w: f64, phases: Vec<Phase>) -> UnitParams {
@@ -28,6 +28,7 @@ fn params(units: Vec<UnitParams>, export: GridLimit) -> ControlParams {
         deadband_w: 20.0,
         deadband_pct: 0.0,
         direction_dwell_s: 0.0,
+        conflict_priority: ConflictPriority::Export,
         fail_safe_after_s: 2.0,
         cycle_s: 1.0,
         mode: ModeParams {
@@ -468,5 +469,129 @@ fn a_battery_turns_at_most_once_per_dwell_time_unless_urgent() {
     assert_eq!(
         turn(false).apply(-2000.0, long_ago),
         (-2000.0, Some((-1, 110.0)))
+    );
+}
+
+/// A unit's reading for [`snap_each`]: PV, battery power and SOC.
+#[derive(Clone, Copy)]
+struct Unit {
+    pv_w: f64,
+    battery_w: f64,
+    soc: f64,
+}
+
+/// A snapshot with each unit's own PV, battery and SOC; `loads_w` per phase, nothing else
+/// behind the meter.
+fn snap_each(p: &ControlParams, loads_w: [f64; 3], each: &[Unit]) -> Snapshot {
+    let mut s = snap(p, [0.0; 3], 0.0, 50.0);
+    let mut grid = loads_w;
+    for (k, (up, u)) in p.units.iter().zip(each).enumerate() {
+        let ac_w = u.pv_w + u.battery_w;
+        let mut ac = [0.0; 3];
+        for ph in &up.phases {
+            ac[ph.index()] = ac_w / up.phases.len() as f64;
+            grid[ph.index()] -= ac[ph.index()];
+        }
+        s.units[k].reading = Some(UnitReading {
+            ac_phase_w: ac,
+            ac_w,
+            pv_w: u.pv_w,
+            battery_w: u.battery_w,
+            soc_pct: u.soc,
+        });
+    }
+    s.grid = Some(GridReading {
+        phases: Phase::ALL
+            .iter()
+            .map(|&ph| (ph, grid[ph.index()], 230.0))
+            .collect(),
+        age_s: 0.1,
+    });
+    s
+}
+
+#[test]
+fn per_phase_export_is_held_with_the_least_curtailment_on_a_mixed_fleet() {
+    // Full batteries. A single-phase unit on L1 (4 kW PV) and two three-phase units (9 kW
+    // PV each); loads 7 / 3 / 6 kW: L1 and L2 are each 3 kW over a 0 W per-phase limit.
+    // Curtailing the three-phase units by 9 kW fixes both; the L1 unit need not curtail
+    // (tier by tier it did too: 12 kW).
+    let mut p = params_with(
+        &[&[Phase::L1], &Phase::ALL, &Phase::ALL],
+        GridLimit::PhasePower(0.0),
+    );
+    p.margin_w = 0.0;
+    let full = |pv_w| Unit {
+        pv_w,
+        battery_w: 0.0,
+        soc: 100.0,
+    };
+    let s = snap_each(
+        &p,
+        [7000.0, 3000.0, 6000.0],
+        &[full(4000.0), full(9000.0), full(9000.0)],
+    );
+    let (d, _) = step(&p, &s, &ControlState::default());
+    for g in d.predicted_grid_w {
+        assert!(g >= -1.0, "phase export {g}: {:?}", d.predicted_grid_w);
+    }
+    assert!(
+        (d.curtailed_w - 9000.0).abs() < 20.0,
+        "curtailed {} W",
+        d.curtailed_w
+    );
+}
+
+#[test]
+fn an_import_excess_on_one_phase_is_covered_without_export_on_the_others() {
+    // A three-phase unit and a single-phase unit on L1 (3 kW battery), both discharging;
+    // 5 kW of load on L1 only, 2 kW import per phase allowed, 0 W export per phase.
+    let mut p = params_with(&[&Phase::ALL, &[Phase::L1]], GridLimit::PhasePower(0.0));
+    p.units[1].max_discharge_w = 3000.0;
+    p.import = Some(GridLimit::PhasePower(2000.0));
+    p.margin_w = 0.0;
+    let idle = Unit {
+        pv_w: 0.0,
+        battery_w: 0.0,
+        soc: 50.0,
+    };
+    let s = snap_each(&p, [5000.0, 0.0, 0.0], &[idle, idle]);
+    let (d, _) = step(&p, &s, &ControlState::default());
+    let g = d.predicted_grid_w;
+    assert!(g[0] <= 2001.0, "L1 import {g:?}");
+    assert!(g[1] >= -1.0 && g[2] >= -1.0, "export on L2/L3 {g:?}");
+    let b = batteries(&d);
+    assert!(b.iter().all(|&x| x >= 0.0), "one direction: {b:?}");
+}
+
+#[test]
+fn an_export_import_conflict_holds_the_configured_limit() {
+    // One three-phase unit, 5 kW of load on L1 only: import ≤ 2 kW on L1 needs 9 kW of
+    // output, export ≤ 0 W on L2 and L3 allows none. Both cannot hold.
+    let mut p = params_with(&[&Phase::ALL], GridLimit::PhasePower(0.0));
+    p.import = Some(GridLimit::PhasePower(2000.0));
+    p.margin_w = 0.0;
+    let idle = Unit {
+        pv_w: 0.0,
+        battery_w: 0.0,
+        soc: 50.0,
+    };
+    let s = snap_each(&p, [5000.0, 0.0, 0.0], &[idle]);
+
+    let (d, _) = step(&p, &s, &ControlState::default());
+    let g = d.predicted_grid_w;
+    assert!(g[1] >= -1.0 && g[2] >= -1.0, "export holds: {g:?}");
+    assert_eq!(
+        d.binding.map(|b| b.label()).as_deref(),
+        Some("conflict:export_holds")
+    );
+
+    p.conflict_priority = ConflictPriority::Import;
+    let (d, _) = step(&p, &s, &ControlState::default());
+    let g = d.predicted_grid_w;
+    assert!(g[0] <= 2001.0, "import holds: {g:?}");
+    assert_eq!(
+        d.binding.map(|b| b.label()).as_deref(),
+        Some("conflict:import_holds")
     );
 }

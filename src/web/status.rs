@@ -129,12 +129,14 @@ pub struct LimitStatus {
 pub struct ControlStatus {
     pub fail_safe: bool,
     /// The constraint holding the fleet back: `export_limit`, `export_limit:L2`,
-    /// `import_limit`, `soc`, `fail_safe`, or `null`.
+    /// `import_limit`, `conflict:export_holds`, `soc`, `fail_safe`, or `null`.
     pub binding: Option<String>,
     pub active_mode: &'static str,
     /// Fleet battery power the mode aims for, + discharge.
     pub fleet_target_w: f64,
     pub predicted_grid_w: Vec<PhasePower>,
+    /// PV the setpoints hold back to keep within the limits.
+    pub curtailed_w: f64,
 }
 
 /// The planner's state, when the site has one.
@@ -437,6 +439,7 @@ pub fn build(
                     power_w: Some(d.predicted_grid_w[phase.index()]),
                 })
                 .collect(),
+            curtailed_w: d.curtailed_w,
         }),
         plan: None,
         dr: None,
