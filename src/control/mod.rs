@@ -368,7 +368,7 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             now_s: s.mono_s,
         };
         (sp.battery_w, direction[k]) = turn.apply(sp.battery_w, direction[k]);
-        sp.battery_w = up.quantize(sp.battery_w);
+        sp.battery_w = up.quantize_above(sp.battery_w, u.lo.min(u.hi));
         sp.output_cap_w = settle(
             sp.output_cap_w,
             before.output_cap_w,
@@ -380,12 +380,16 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         sp.output_cap_w = up.quantize(sp.output_cap_w.min(generation_cap(u.rated_w)));
         setpoints[k] = Some(sp);
     }
+    one_direction(&mut setpoints, &units, &p.units);
 
     // The outcome, as the setpoints will make it.
     let mut after = units.clone();
     for (u, sp) in after.iter_mut().zip(&setpoints) {
         if let Some(sp) = sp {
-            u.battery_w = sp.battery_w;
+            // A held unit is told to idle but is expected to go on doing what it does.
+            if !u.held {
+                u.battery_w = sp.battery_w;
+            }
             u.pv_used_w = u.pv_used_w.min((sp.output_cap_w - sp.battery_w).max(0.0));
         }
     }
@@ -490,6 +494,42 @@ fn limits_in_force(p: &ControlParams, c: &Constraints, voltage_v: [f64; 3]) -> V
         .map(|cap| limit(cap, true))
         .chain(c.import.iter().map(|cap| limit(cap, false)))
         .collect()
+}
+
+/// Never one battery charging from another: when ramps leave a battery still on its way out
+/// of one direction while others already go the other way, the fleet's net power goes to
+/// the side that is ahead and the other side idles. The fleet's output is unchanged.
+fn one_direction(setpoints: &mut [Option<Setpoint>], units: &[UnitView], up: &[UnitParams]) {
+    let free = |k: usize| !units[k].held;
+    let (mut pos, mut neg) = (0.0, 0.0);
+    for (k, sp) in setpoints.iter().enumerate() {
+        if let (true, Some(sp)) = (free(k), sp) {
+            if sp.battery_w > 0.0 {
+                pos += sp.battery_w;
+            } else {
+                neg -= sp.battery_w;
+            }
+        }
+    }
+    if pos <= 0.0 || neg <= 0.0 {
+        return;
+    }
+    // Each battery on the leading side keeps its share of the net power.
+    let (lead_positive, keep) = if pos >= neg {
+        (true, (pos - neg) / pos)
+    } else {
+        (false, (neg - pos) / neg)
+    };
+    for (k, sp) in setpoints.iter_mut().enumerate() {
+        if let (true, Some(sp)) = (free(k), sp.as_mut()) {
+            let leading = (sp.battery_w > 0.0) == lead_positive;
+            sp.battery_w = if leading {
+                up[k].quantize(sp.battery_w * keep)
+            } else {
+                0.0
+            };
+        }
+    }
 }
 
 /// Move from `before` towards `want`: rises by at most `ramp`, falls at once; changes under

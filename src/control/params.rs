@@ -53,6 +53,17 @@ impl UnitParams {
         }
     }
 
+    /// Round `w` down to a step the unit can be told, but not below `floor_w` (a battery
+    /// charging at its limit stays at it).
+    pub fn quantize_above(&self, w: f64, floor_w: f64) -> f64 {
+        let q = self.quantize(w);
+        if q < floor_w && self.step_w > 0.0 {
+            (floor_w / self.step_w).ceil() * self.step_w
+        } else {
+            q
+        }
+    }
+
     /// Share of this unit's AC output that lands on `phase`.
     pub fn weight(&self, phase: Phase) -> f64 {
         if self.phases.contains(&phase) {
