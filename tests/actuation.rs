@@ -4,9 +4,11 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::demo_1s;
+use common::lossy::LossyProxy;
 use site_ems::config::{OnStop, SiteConfig, StoreConfig};
 use site_ems::drivers::saj::{self, app_mode, reg};
 use site_ems::runtime::{Ems, EmsOptions};
@@ -254,6 +256,62 @@ async fn a_unit_ignoring_its_setpoint_is_not_following_and_the_others_cover() {
     assert!(
         exc.longest_s() <= 2.0,
         "excursions once marked {:?}",
+        exc.done
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_losing_a_fifth_of_the_writes_keeps_export_excursions_under_2_s() {
+    let c = demo_1s();
+    let margin = c.control.grid_margin_w;
+    let mut proxies = Vec::new();
+    let mut l = ClosedLoop::start_adjusted(c, |mut c| {
+        // Every inverter's link goes through a proxy that loses 20 % of the write requests.
+        for (n, link) in c
+            .links
+            .iter_mut()
+            .filter(|l| l.name.starts_with("sim-inv"))
+            .enumerate()
+        {
+            let host = link.host.as_deref().unwrap_or("127.0.0.1");
+            let target = SocketAddr::new(host.parse().expect("ip"), link.port.expect("port"));
+            let proxy = LossyProxy::start(target, 0.2, 40 + n as u64);
+            link.port = Some(proxy.addr.port());
+            proxies.push(proxy);
+        }
+        c
+    })
+    .await
+    .unwrap();
+    assert_eq!(proxies.len(), 10, "every inverter behind a lossy link");
+    l.run(30.0, |_, _| {}).await;
+
+    // Five minutes at midday under a 0 W export limit, the load dropping by 5 kW for half a
+    // minute every minute: each drop needs a safety decrease through the lossy links.
+    let t0 = l.t_s;
+    let mut exc = Excursions::default();
+    let mut step = 0;
+    while l.t_s < t0 + 300.0 {
+        let due = ((l.t_s - t0) / 30.0) as i32;
+        if due > step {
+            step = due;
+            let w = if step % 2 == 1 { -5000.0 } else { 0.0 };
+            l.sim.with_model(|m| m.load_step_w = w);
+        }
+        l.tick().await;
+        exc.observe(l.t_s, l.export_w(), margin);
+    }
+    exc.finish(l.t_s);
+    let dropped: u64 = proxies.iter().map(|p| p.dropped()).sum();
+    let forwarded: u64 = proxies.iter().map(|p| p.forwarded()).sum();
+    println!(
+        "writes lost {dropped}, delivered {forwarded}; export excursions over {margin} W: {:?}",
+        exc.done
+    );
+    assert!(dropped >= 10, "the proxy lost {dropped} writes");
+    assert!(
+        exc.longest_s() <= 2.0,
+        "export excursions with 20 % of writes lost: {:?}",
         exc.done
     );
 }

@@ -45,14 +45,33 @@ impl ClosedLoop {
         ClosedLoop::start_full(config, &std::collections::HashMap::new(), options).await
     }
 
+    /// As [`ClosedLoop::start`], with the EMS's site file (already pointing at the
+    /// simulator) passed through `adjust` first: to route a link through a fault injector.
+    pub async fn start_adjusted(
+        config: SiteConfig,
+        adjust: impl FnOnce(SiteConfig) -> SiteConfig,
+    ) -> std::io::Result<ClosedLoop> {
+        let sim = SimSite::start_with(&config, None, &std::collections::HashMap::new()).await?;
+        ClosedLoop::around(sim, &config, adjust, EmsOptions::default())
+    }
+
     async fn start_full(
         config: SiteConfig,
         rtu: &std::collections::HashMap<String, std::path::PathBuf>,
         options: EmsOptions,
     ) -> std::io::Result<ClosedLoop> {
         let sim = SimSite::start_with(&config, None, rtu).await?;
+        ClosedLoop::around(sim, &config, |c| c, options)
+    }
+
+    fn around(
+        sim: SimSite,
+        config: &SiteConfig,
+        adjust: impl FnOnce(SiteConfig) -> SiteConfig,
+        options: EmsOptions,
+    ) -> std::io::Result<ClosedLoop> {
         sim.set_paused(true);
-        let (ems, _api) = Ems::with_options(sim.rewire(&config), sim.clock(), options);
+        let (ems, _api) = Ems::with_options(adjust(sim.rewire(config)), sim.clock(), options);
         Ok(ClosedLoop {
             sim,
             ems,
