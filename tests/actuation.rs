@@ -13,6 +13,7 @@ use site_ems::config::{OnStop, SiteConfig, StoreConfig};
 use site_ems::drivers::saj::{self, app_mode, reg};
 use site_ems::runtime::{Ems, EmsOptions};
 use site_ems::sim::lockstep::{ClosedLoop, Excursions, TICK_S};
+use site_ems::sim::physics::AntiRefluxPoint;
 
 fn with_store(mut c: SiteConfig, dir: &tempfile::TempDir) -> SiteConfig {
     c.store = Some(StoreConfig {
@@ -45,11 +46,13 @@ fn run_unattended(l: &mut ClosedLoop, seconds: f64, limit_w: f64) -> Excursions 
     exc
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clean_stop_at_midday_keeps_the_export_limit_for_10_minutes_without_the_ems() {
+/// Stop the EMS at sunny midday under a 0 W export limit, let the load fall away, and watch
+/// ten minutes with only the units' own limits in force, measured where `at` says.
+async fn clean_stop_at_midday(at: AntiRefluxPoint) -> (Excursions, f64) {
     let c = demo_1s();
     let margin = c.control.grid_margin_w;
     let mut l = ClosedLoop::start(c).await.unwrap();
+    l.sim.with_model(|m| m.anti_reflux_at = at);
     l.run(20.0, |_, _| {}).await;
     assert!(l
         .sim
@@ -58,19 +61,61 @@ async fn a_clean_stop_at_midday_keeps_the_export_limit_for_10_minutes_without_th
     // The load falls away after the EMS has gone: only the units' own limits are left.
     l.sim.with_model(|m| m.load_step_w = -m.base_load_w);
     let exc = run_unattended(&mut l, 600.0, margin);
+    l.sim.with_model(|m| {
+        for i in &m.inverters {
+            assert_ne!(i.setting(reg::PREVENT_REVERSE_FLOW), 0, "anti-reflux on");
+            assert_eq!(i.setting(reg::ANTI_REFLUX_MODE), 1, "export limiting on");
+            assert!(i.battery_w.abs() < 1.0, "battery idle");
+        }
+    });
+    l.assert_clean_writes();
+    (exc, margin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_at_midday_keeps_the_export_limit_for_10_minutes_without_the_ems() {
+    // The unit's limit caps its own output: no export at all.
+    let (exc, margin) = clean_stop_at_midday(AntiRefluxPoint::Output).await;
     assert!(
         exc.done.is_empty(),
         "export above 0 W + {margin} W margin with the EMS stopped: {:?}, worst {:.0} W",
         exc.done,
         exc.worst_w
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_holds_too_where_each_unit_limits_the_site_meter() {
+    // Each unit holds the site's export at its share (0 W): only the firmware's own
+    // regulation transient when the load falls away.
+    let (exc, margin) = clean_stop_at_midday(AntiRefluxPoint::Site).await;
+    println!("excursions {:?}, worst {:.0} W", exc.done, exc.worst_w);
+    assert!(
+        exc.longest_s() <= 5.0,
+        "export above 0 W + {margin} W margin for more than 5 s: {:?}",
+        exc.done
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_with_anti_reflux_off_is_alarmed() {
+    let mut l = ClosedLoop::start(demo_1s()).await.unwrap();
     l.sim.with_model(|m| {
-        for i in &m.inverters {
-            assert_eq!(i.setting(reg::ANTI_REFLUX_MODE), 1, "export limiting on");
-            assert!(i.battery_w.abs() < 1.0, "battery idle");
-        }
+        m.inverters[2].settings.insert(reg::PREVENT_REVERSE_FLOW, 0);
     });
-    l.assert_clean_writes();
+    l.run(5.0, |_, _| {}).await;
+    let s = serde_json::to_value(l.ems.status().unwrap().as_ref()).unwrap();
+    assert_eq!(s["inverters"][2]["alarm"], "inverter_limit_off");
+    assert!(
+        s["inverters"][1]["alarm"].is_null(),
+        "{}",
+        s["inverters"][1]
+    );
+    // The EMS does not change the unit's meter-port role itself.
+    l.sim.with_model(|m| {
+        assert_eq!(m.inverters[2].setting(reg::PREVENT_REVERSE_FLOW), 0);
+        assert!(m.inverters[2].anti_reflux_limit_w().is_none());
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

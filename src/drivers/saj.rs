@@ -67,6 +67,8 @@ pub mod reg {
     pub const GRID_EXPORT_LIMIT: u16 = 0x3650;
     pub const BACKUP_RESERVE_SOC: u16 = 0x3651;
     pub const ANTI_REFLUX_POWER: u16 = 0x365A;
+    /// Anti-reflux on (1 master: the unit reads its own meter; 2 slave) or off (0).
+    pub const PREVENT_REVERSE_FLOW: u16 = 0x3635;
     pub const ANTI_REFLUX_CURRENT: u16 = 0x365B;
     pub const ANTI_REFLUX_MODE: u16 = 0x365C;
     pub const INVERTER_STOP: u16 = 0x3677;
@@ -101,7 +103,7 @@ pub const SETTINGS: &[Setting] = &[
         default: 0,
     },
     Setting {
-        addr: 0x3635,
+        addr: reg::PREVENT_REVERSE_FLOW,
         name: "prevent_reverse_flow",
         min: 0,
         max: 2,
@@ -704,7 +706,11 @@ pub const CONTROLLED: [u16; 6] = [
 ];
 
 /// The block read once before taking a unit over, to learn what to restore.
-pub const CONTROL_BLOCK: ReadBlock = ReadBlock::holding(reg::PASSIVE_ENABLE, 0x365C - 0x3636 + 1);
+/// It starts at `0x3635`: without anti-reflux on there, `0x365A` does not act at all.
+pub const CONTROL_BLOCK: ReadBlock = ReadBlock::holding(
+    reg::PREVENT_REVERSE_FLOW,
+    reg::ANTI_REFLUX_MODE - reg::PREVENT_REVERSE_FLOW + 1,
+);
 
 /// Per-mille of rating the power registers are allowed: the unit's rating, although the
 /// registers accept up to 1100.
@@ -743,6 +749,12 @@ fn clamped(addr: u16, requested: f64) -> (u16, u16) {
 /// rating and to each register's range. Passive mode (AppMode 3) takes the battery power as
 /// a direction (`0x3636`) and a per-mille magnitude (`0x3639` charge / `0x363A` discharge);
 /// the anti-reflux registers (`0x365C` mode 1, `0x365A` per-mille) cap the unit's output.
+///
+/// Where `0x365A` is measured — the unit's output or the site meter the unit reads — the map
+/// does not say. Every value the EMS leaves behind is chosen to be safe under both readings:
+/// a stop's cap is the unit's share of the export limit (see `control::stop_caps`), which
+/// holds the sum of outputs within the limit under the first and the site's export under
+/// the second. `0x365A` acts only with `0x3635` ≠ 0, which the EMS reads but never writes.
 pub fn encode_command(rated_power_w: f64, cmd: &Command) -> Vec<(u16, u16)> {
     let permille = |w: f64| {
         if rated_power_w > 0.0 && w.is_finite() {

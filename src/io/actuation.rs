@@ -37,12 +37,17 @@ const BATTERY_GROUP: [u16; 3] = [
 pub enum Alarm {
     /// `0x4022` never showed passive mode after the mode was written again and again.
     PassiveNotConfirmed,
+    /// `0x3635` reads 0: anti-reflux is off in the unit, so `0x365A` does not act and nothing
+    /// in the unit limits its export when the EMS is not there. It configures the unit's meter
+    /// port (master mode polls a meter), so the EMS leaves it to the installer.
+    InverterLimitOff,
 }
 
 impl Alarm {
     pub fn label(self) -> &'static str {
         match self {
             Alarm::PassiveNotConfirmed => "passive_not_confirmed",
+            Alarm::InverterLimitOff => "inverter_limit_off",
         }
     }
 }
@@ -162,14 +167,16 @@ impl Actuator {
         self.mode_checked_at = Some(read_at);
         if reported == app_mode::PASSIVE {
             self.unconfirmed = 0;
-            self.alarm = None;
+            if self.alarm == Some(Alarm::PassiveNotConfirmed) {
+                self.alarm = None;
+            }
         } else if self.unconfirmed < CONFIRM_ATTEMPTS {
             self.unconfirmed += 1;
             self.forget(reg::APP_MODE);
             for addr in BATTERY_GROUP {
                 self.forget(addr);
             }
-        } else if self.alarm.is_none() {
+        } else if self.alarm != Some(Alarm::PassiveNotConfirmed) {
             tracing::warn!(
                 device = %self.device,
                 reported,
@@ -206,6 +213,19 @@ impl Actuator {
         if self.original.is_none() {
             self.original = Some(original_from(&words));
             self.original_is_new = true;
+        }
+        let limit_off = Self::word(&words, reg::PREVENT_REVERSE_FLOW) == Some(0);
+        match self.alarm {
+            None if limit_off => {
+                tracing::warn!(
+                    device = %self.device,
+                    "0x3635 is 0: anti-reflux is off in the unit, so its export limit (0x365A) \
+                     does not act without the EMS; set it on the unit (1, the unit's own meter)"
+                );
+                self.alarm = Some(Alarm::InverterLimitOff);
+            }
+            Some(Alarm::InverterLimitOff) if !limit_off => self.alarm = None,
+            _ => {}
         }
         for addr in saj::CONTROLLED {
             let Some(value) = Self::word(&words, addr) else {

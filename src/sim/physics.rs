@@ -37,6 +37,9 @@ pub struct SimInverter {
     pub writes: HashMap<u16, u64>,
     /// `0x4022` shows the AppMode in force; false for firmware that does not.
     pub mirrors_app_mode: bool,
+    /// Under [`AntiRefluxPoint::Site`]: the output the unit's own export regulation allows
+    /// now, moved each tick towards holding the metered export at `0x365A`.
+    pub reflux_allowed_w: Option<f64>,
     /// The firmware ignores the passive battery setpoint (a unit not following).
     pub ignores_setpoint: bool,
     pub charged_wh: f64,
@@ -90,13 +93,41 @@ impl SimInverter {
         (max_charge, max_discharge)
     }
 
-    /// The unit's own AC output cap from the anti-reflux (export limit) registers.
-    pub fn output_cap_w(&self) -> f64 {
-        if self.setting(reg::ANTI_REFLUX_MODE) == 0 {
-            self.rated_w
-        } else {
-            saj::permille_to_watts(self.setting(reg::ANTI_REFLUX_POWER), self.rated_w)
-                .min(self.rated_w)
+    /// The export limit `0x365A` sets, when the firmware applies one: only with anti-reflux
+    /// on (`0x3635` ≠ 0) and a limiting mode chosen (`0x365C` ≠ 0), as the register map has
+    /// it.
+    pub fn anti_reflux_limit_w(&self) -> Option<f64> {
+        let on = self.setting(reg::PREVENT_REVERSE_FLOW) != 0
+            && self.setting(reg::ANTI_REFLUX_MODE) != 0;
+        on.then(|| saj::permille_to_watts(self.setting(reg::ANTI_REFLUX_POWER), self.rated_w))
+    }
+
+    /// The unit's AC output cap now. Where the limit acts — the unit's own output, or the
+    /// site meter it reads — is `at`: the map does not say, so the simulator has both.
+    pub fn output_cap_w(&self, at: AntiRefluxPoint) -> f64 {
+        match (self.anti_reflux_limit_w(), at) {
+            (None, _) => self.rated_w,
+            (Some(limit), AntiRefluxPoint::Output) => limit.min(self.rated_w),
+            (Some(_), AntiRefluxPoint::Site) => {
+                self.reflux_allowed_w.unwrap_or(self.ac_w).min(self.rated_w)
+            }
+        }
+    }
+
+    /// Under [`AntiRefluxPoint::Site`], one tick of the firmware's own export regulation:
+    /// the allowed output follows the metered export towards the limit, at a gain low
+    /// enough that ten units regulating one meter do not oscillate.
+    fn regulate_export(&mut self, site_export_w: f64, dt_s: f64) {
+        match self.anti_reflux_limit_w() {
+            None => self.reflux_allowed_w = None,
+            Some(limit) => {
+                let gain = (0.5 * dt_s).min(0.05);
+                let allowed = self.reflux_allowed_w.unwrap_or(self.ac_w);
+                // No wind-up: the allowance never runs far ahead of what the unit delivers.
+                let ceiling = (self.ac_w + 0.1 * self.rated_w).min(self.rated_w);
+                self.reflux_allowed_w =
+                    Some((allowed + gain * (limit - site_export_w)).clamp(-self.rated_w, ceiling));
+            }
         }
     }
 }
@@ -111,8 +142,22 @@ pub struct PhaseTruth {
     pub voltage_v: [f64; 3],
 }
 
+/// Where a unit's anti-reflux limit (`0x365A`) is measured. The register map says "at the
+/// unit's metering point" with `0x3635` = 1 (the unit reads its own meter), not whether that
+/// meter sees the unit alone or the whole site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AntiRefluxPoint {
+    /// The unit's own output: `0x365A` caps what it delivers.
+    #[default]
+    Output,
+    /// The site's grid meter: the unit holds the site's export at `0x365A`.
+    Site,
+}
+
 #[derive(Debug, Clone)]
 pub struct SiteModel {
+    /// Where the units' anti-reflux limits are measured.
+    pub anti_reflux_at: AntiRefluxPoint,
     pub tz: Tz,
     pub now: DateTime<Utc>,
     pub phases: usize,
@@ -182,6 +227,7 @@ impl SiteModel {
                 fault_words: [0; 3],
                 writes: HashMap::new(),
                 mirrors_app_mode: true,
+                reflux_allowed_w: None,
                 ignores_setpoint: false,
                 charged_wh: 0.0,
                 discharged_wh: 0.0,
@@ -189,6 +235,7 @@ impl SiteModel {
             })
             .collect();
         let mut m = SiteModel {
+            anti_reflux_at: AntiRefluxPoint::default(),
             tz,
             now,
             phases: usize::from(c.grid.phases),
@@ -280,6 +327,9 @@ impl SiteModel {
             .map(|i| i.rated_w)
             .sum();
         let pv_now: Vec<f64> = self.inverters.iter().map(|i| i.pv_peak_w * sun).collect();
+        // What the units' own meters saw last tick (under `AntiRefluxPoint::Site`).
+        let site_export_w = -self.truth.grid_w.iter().sum::<f64>();
+        let anti_reflux_at = self.anti_reflux_at;
         for (inv, pv_avail) in self.inverters.iter_mut().zip(pv_now) {
             let (max_charge, max_discharge) = inv.battery_window();
             let target = match inv.app_mode() {
@@ -324,7 +374,8 @@ impl SiteModel {
                 continue;
             }
             // Output cap: curtail PV first, then the discharge.
-            let cap = inv.output_cap_w();
+            inv.regulate_export(site_export_w, dt_s);
+            let cap = inv.output_cap_w(anti_reflux_at);
             inv.pv_w = pv_avail.min((cap - inv.battery_w).max(0.0));
             if inv.pv_w + inv.battery_w > cap {
                 inv.battery_w = cap - inv.pv_w;
@@ -396,6 +447,50 @@ mod tests {
     fn model() -> SiteModel {
         let c = SiteConfig::load(std::path::Path::new("sites/demo.yaml")).unwrap();
         SiteModel::new(&c)
+    }
+
+    #[test]
+    fn the_export_limit_acts_only_with_anti_reflux_on_and_a_mode_chosen() {
+        let mut m = model();
+        let i = &mut m.inverters[0];
+        i.settings.insert(reg::ANTI_REFLUX_POWER, 200);
+        i.settings.insert(reg::ANTI_REFLUX_MODE, 1);
+        // 0x3635 defaults to 1 (on, the unit's own meter).
+        assert_eq!(i.output_cap_w(AntiRefluxPoint::Output), 2000.0);
+        i.settings.insert(reg::PREVENT_REVERSE_FLOW, 0);
+        assert_eq!(i.output_cap_w(AntiRefluxPoint::Output), i.rated_w);
+        i.settings.insert(reg::PREVENT_REVERSE_FLOW, 1);
+        i.settings.insert(reg::ANTI_REFLUX_MODE, 0);
+        assert_eq!(i.output_cap_w(AntiRefluxPoint::Output), i.rated_w);
+    }
+
+    #[test]
+    fn at_the_site_meter_the_units_hold_the_site_export_at_their_limit() {
+        let mut m = model();
+        m.anti_reflux_at = AntiRefluxPoint::Site;
+        m.now = parse_local_start("2026-06-21T12:00", m.tz).unwrap();
+        // Full batteries: without the limit, the surplus would be exported.
+        for i in m.inverters.iter_mut() {
+            i.soc_pct = 100.0;
+        }
+        for _ in 0..100 {
+            m.step(0.1);
+        }
+        let free = -m.truth.grid_w.iter().sum::<f64>();
+        assert!(free > 5000.0, "surplus exported without a limit: {free} W");
+        for i in m.inverters.iter_mut() {
+            i.settings.insert(reg::ANTI_REFLUX_POWER, 0);
+            i.settings.insert(reg::ANTI_REFLUX_MODE, 1);
+        }
+        for _ in 0..600 {
+            m.step(0.1);
+        }
+        let export = -m.truth.grid_w.iter().sum::<f64>();
+        assert!(export.abs() < 100.0, "site export {export} W");
+        assert!(
+            m.inverters.iter().any(|i| i.ac_w > 100.0),
+            "units still deliver"
+        );
     }
 
     #[test]
