@@ -69,6 +69,9 @@ enum Command {
         #[arg(long)]
         chart: Option<PathBuf>,
     },
+    /// Print a systemd unit that runs the EMS for a site, restarts it whenever it exits and
+    /// when its guard loop stops notifying the watchdog.
+    SystemdUnit { file: PathBuf },
     /// Serve a site's devices as simulated Modbus TCP slaves on loopback.
     Simulate {
         file: PathBuf,
@@ -82,6 +85,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Check { files } = &cli.command {
         return check(files);
+    }
+    if let Command::SystemdUnit { file } = &cli.command {
+        return systemd_unit(file);
     }
     if let Command::Plan { .. } = &cli.command {
         return match plan(cli.command) {
@@ -114,7 +120,7 @@ fn main() -> ExitCode {
                 listen,
             } => run(&file, simulate, listen).await,
             Command::Simulate { file, port_base } => simulate(&file, port_base).await,
-            Command::Check { .. } | Command::Plan { .. } => Ok(()),
+            Command::Check { .. } | Command::Plan { .. } | Command::SystemdUnit { .. } => Ok(()),
         }
     });
     match result {
@@ -124,6 +130,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn systemd_unit(file: &Path) -> ExitCode {
+    let config = match load_site(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ems: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The unit names both by absolute path: systemd runs it from `/`.
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/local/bin/ems"));
+    print!(
+        "{}",
+        site_ems::runtime::supervision::unit_file(&absolute(&exe), &absolute(file), &config)
+    );
+    ExitCode::SUCCESS
 }
 
 fn check(files: &[PathBuf]) -> ExitCode {

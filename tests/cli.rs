@@ -184,3 +184,101 @@ fn mbpoll_reads_the_simulator() {
         assert!((2200.0..2400.0).contains(&v), "voltage register {v}");
     }
 }
+
+#[test]
+fn systemd_unit_verifies_and_the_ems_notifies_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+
+    // The printed unit is one systemd accepts.
+    let out = Command::new(env!("CARGO_BIN_EXE_ems"))
+        .args(["systemd-unit", "sites/demo.yaml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let unit = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "Type=notify",
+        "Restart=always",
+        "WatchdogSec=5s",
+        "ExecStart=/",
+    ] {
+        assert!(unit.contains(line), "{line} missing from\n{unit}");
+    }
+    let path = dir.path().join("site-ems.service");
+    std::fs::write(&path, &unit).unwrap();
+    let verify = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    assert!(
+        verify.status.success(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // Run under a notification socket, as systemd would start it.
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_ems"))
+        .args([
+            "run",
+            "sites/demo.yaml",
+            "--simulate",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "5000000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    let mut seen: Vec<String> = Vec::new();
+    let mut buf = [0u8; 512];
+    let count = |seen: &[String], what: &str| seen.iter().filter(|m| m.contains(what)).count();
+    while count(&seen, "WATCHDOG=1") < 3 {
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification ({e}); got {seen:?}"));
+        seen.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+    }
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("READY=1"),
+        "{seen:?}"
+    );
+
+    // SIGTERM: the EMS says it is stopping, stops the units safely and exits 0.
+    let pid = running.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    loop {
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no STOPPING=1 ({e}); got {seen:?}"));
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        seen.push(m.clone());
+        if m.contains("STOPPING=1") {
+            break;
+        }
+    }
+    // Wait for the exit on a thread, so the wait has a deadline; `running` keeps a stand-in.
+    let mut child = std::mem::replace(&mut running.0, Command::new("true").spawn().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = rx
+        .recv_timeout(Duration::from_secs(15))
+        .expect("ems exits within 15 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "exit {status:?}");
+}

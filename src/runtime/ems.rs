@@ -3,6 +3,7 @@
 //! from the book in memory, and history rows leave through the store's writer; none of them
 //! is waited for here.
 
+use super::supervision::Supervisor;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -402,12 +403,22 @@ impl Ems {
         let mut tick = tokio::time::interval(Duration::from_millis(self.config.control.cycle_ms));
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
+        let supervisor = Supervisor::from_env();
+        let mut ready = false;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = tick.tick() => self.cycle().await,
+                _ = tick.tick() => {
+                    self.cycle().await;
+                    if !ready {
+                        supervisor.ready();
+                        ready = true;
+                    }
+                    supervisor.alive();
+                }
             }
         }
+        supervisor.stopping();
         self.stop().await;
         if let Err(e) = self.flush_store(Duration::from_secs(5)).await {
             tracing::warn!("{e}");

@@ -14,6 +14,7 @@ pub mod demand;
 pub mod devices;
 pub mod ems;
 pub mod planning;
+pub mod supervision;
 
 use std::future::Future;
 use std::sync::Arc;
