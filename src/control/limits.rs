@@ -21,7 +21,9 @@
 //! second only when the first has to curtail or break a limit. At most ten units and three
 //! phases: ~40 variables, well under a millisecond with Clarabel.
 //!
-//! If the solver fails, the greedy tiers of [`super::grid_limit`] hold the limits instead.
+//! Most cycles need no solve: when the greedy tiers of [`super::grid_limit`] meet every
+//! limit by moving batteries alone, nothing the LP ranks first could be better, and their
+//! answer stands. The tiers also hold the limits in a cycle in which the solver fails.
 
 use good_lp::{variable, Expression, ProblemVariables, Solution, SolverModel, Variable};
 
@@ -113,10 +115,10 @@ pub fn hold(
     let rows = rows(limits);
     let before = grid_limit::predict(units, net_w);
     let broken: Vec<&Row> = rows.iter().filter(|r| r.excess(before) > EPS_W).collect();
-    if broken.is_empty() {
-        return None;
+    let first = first_binding(&broken, before)?;
+    if batteries_alone(units, net_w, limits, &rows, out_max_w) {
+        return Some(first);
     }
-    let first = first_binding(&broken, before);
 
     let holds_export = priority == ConflictPriority::Export;
     let sigma = first_direction(units, &broken);
@@ -134,7 +136,8 @@ pub fn hold(
     }
     let Some(best) = best else {
         tracing::warn!("the limits solve failed; holding the limits tier by tier");
-        return fallback(units, net_w, limits).or(Some(first));
+        fallback(units, net_w, limits);
+        return Some(first);
     };
     for (u, (b, q)) in units.iter_mut().zip(best.values) {
         u.battery_w = b;
@@ -159,26 +162,67 @@ pub fn hold(
     Some(first)
 }
 
-/// The limit to report: demand response's before the site's, export before import, the
-/// largest excess first.
-fn first_binding(broken: &[&Row], grid_w: [f64; 3]) -> Binding {
+/// The limit to report, `None` when none is broken: demand response's before the site's,
+/// export before import, the largest excess first.
+fn first_binding(broken: &[&Row], grid_w: [f64; 3]) -> Option<Binding> {
     let top = broken.iter().max_by(|a, b| {
         let rank = |r: &Row| (r.source == Source::DemandResponse, r.export);
         rank(a)
             .cmp(&rank(b))
             .then(a.excess(grid_w).total_cmp(&b.excess(grid_w)))
-    });
-    match top {
-        Some(r) if r.export => Binding::Export {
-            source: r.source,
-            phase: r.phase,
-        },
-        Some(r) => Binding::Import {
-            source: r.source,
-            phase: r.phase,
-        },
-        None => Binding::Soc,
+    })?;
+    Some(if top.export {
+        Binding::Export {
+            source: top.source,
+            phase: top.phase,
+        }
+    } else {
+        Binding::Import {
+            source: top.source,
+            phase: top.phase,
+        }
+    })
+}
+
+/// Most cycles need only the batteries to move a little (the margin at a 0 W limit, a small
+/// surplus): the tiers settle that in microseconds. When their answer meets every limit
+/// without curtailing, keeps held units as they are, every battery one way and every output
+/// within its cap, the LP could do no better on anything it ranks above battery movement,
+/// so it is taken (into `units`) and the LP is skipped.
+fn batteries_alone(
+    units: &mut [UnitView],
+    net_w: [f64; 3],
+    limits: &[Limit],
+    rows: &[Row],
+    out_max_w: &[f64],
+) -> bool {
+    let mut tried = units.to_vec();
+    fallback(&mut tried, net_w, limits);
+    let after = grid_limit::predict(&tried, net_w);
+    if rows.iter().any(|r| r.excess(after) > EPS_W) {
+        return false;
     }
+    let mut directions = 0u8;
+    for (k, (u, t)) in units.iter().zip(&tried).enumerate() {
+        if !u.controllable {
+            continue;
+        }
+        let curtailed = t.pv_used_w < u.pv_used_w - EPS_W;
+        let held_moved = u.held && (t.battery_w - u.battery_w).abs() > EPS_W;
+        let over_cap =
+            t.pv_used_w + t.battery_w > out_max_w.get(k).copied().unwrap_or(t.rated_w) + EPS_W;
+        if curtailed || held_moved || over_cap {
+            return false;
+        }
+        if !u.held && t.battery_w.abs() > EPS_W {
+            directions |= if t.battery_w > 0.0 { 1 } else { 2 };
+        }
+    }
+    if directions == 3 {
+        return false;
+    }
+    units.clone_from_slice(&tried);
+    true
 }
 
 /// The batteries' direction to try first: the dispatch's, or towards charge when only export
@@ -359,27 +403,14 @@ fn snap(w: f64) -> f64 {
     (w * 1000.0).round() / 1000.0
 }
 
-/// The greedy tiers, limit by limit, for a cycle in which the solver gave no answer.
-fn fallback(units: &mut [UnitView], net_w: [f64; 3], limits: &[Limit]) -> Option<Binding> {
-    let mut first = None;
+/// The greedy tiers, limit by limit: the cheap path, and the answer in a cycle in which the
+/// solver gave none.
+fn fallback(units: &mut [UnitView], net_w: [f64; 3], limits: &[Limit]) {
     for l in limits {
-        let held = if l.export {
-            grid_limit::hold_export(units, net_w, l.allowance)
+        if l.export {
+            grid_limit::hold_export(units, net_w, l.allowance);
         } else {
-            grid_limit::hold_import(units, net_w, l.allowance)
-        };
-        if let (None, Some(b)) = (first, held) {
-            first = Some(match b.phase() {
-                phase if b.is_export() => Binding::Export {
-                    source: l.source,
-                    phase,
-                },
-                phase => Binding::Import {
-                    source: l.source,
-                    phase,
-                },
-            });
+            grid_limit::hold_import(units, net_w, l.allowance);
         }
     }
-    first
 }

@@ -480,6 +480,13 @@ struct Unit {
     soc: f64,
 }
 
+/// A unit with no PV and its battery idle at half charge.
+const IDLE: Unit = Unit {
+    pv_w: 0.0,
+    battery_w: 0.0,
+    soc: 50.0,
+};
+
 /// A snapshot with each unit's own PV, battery and SOC; `loads_w` per phase, nothing else
 /// behind the meter.
 fn snap_each(p: &ControlParams, loads_w: [f64; 3], each: &[Unit]) -> Snapshot {
@@ -550,12 +557,7 @@ fn an_import_excess_on_one_phase_is_covered_without_export_on_the_others() {
     p.units[1].max_discharge_w = 3000.0;
     p.import = Some(GridLimit::PhasePower(2000.0));
     p.margin_w = 0.0;
-    let idle = Unit {
-        pv_w: 0.0,
-        battery_w: 0.0,
-        soc: 50.0,
-    };
-    let s = snap_each(&p, [5000.0, 0.0, 0.0], &[idle, idle]);
+    let s = snap_each(&p, [5000.0, 0.0, 0.0], &[IDLE, IDLE]);
     let (d, _) = step(&p, &s, &ControlState::default());
     let g = d.predicted_grid_w;
     assert!(g[0] <= 2001.0, "L1 import {g:?}");
@@ -571,12 +573,7 @@ fn an_export_import_conflict_holds_the_configured_limit() {
     let mut p = params_with(&[&Phase::ALL], GridLimit::PhasePower(0.0));
     p.import = Some(GridLimit::PhasePower(2000.0));
     p.margin_w = 0.0;
-    let idle = Unit {
-        pv_w: 0.0,
-        battery_w: 0.0,
-        soc: 50.0,
-    };
-    let s = snap_each(&p, [5000.0, 0.0, 0.0], &[idle]);
+    let s = snap_each(&p, [5000.0, 0.0, 0.0], &[IDLE]);
 
     let (d, _) = step(&p, &s, &ControlState::default());
     let g = d.predicted_grid_w;

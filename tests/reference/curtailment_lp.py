@@ -2,11 +2,11 @@
 """The least PV curtailment that keeps a site within its per-phase export and import limits,
 solved with SciPy's HiGHS: an optimum found independently of site-ems's own solve.
 
-Reads one snapshot as JSON on stdin:
+Reads a JSON list of snapshots on stdin, each
   {"units": [{"phases": [0, 1, 2], "rated_w": .., "pv_w": .., "charge_w": .., "discharge_w": ..}],
    "net_w": [L1, L2, L3],            # grid power per phase (+ import) with every unit at 0 W
    "export_w": X, "import_w": Y or null}   # per-phase allowances
-and prints {"curtailed_w": ..} or {"infeasible": true}.
+and prints a list with, for each, {"curtailed_w": ..} or {"infeasible": true}.
 
 Physics, per unit: battery b in [-charge_w, discharge_w], PV used q in [0, pv_w], AC output
 q + b within [-rated_w, rated_w], spread evenly over the unit's phases. Batteries all charge or
@@ -60,13 +60,15 @@ def solve(s, direction):
     return pv + r.fun
 
 
-def main():
-    s = json.load(sys.stdin)
+def optimum(s):
     best = [x for x in (solve(s, 1), solve(s, -1)) if x is not None]
     if not best:
-        print(json.dumps({"infeasible": True}))
-    else:
-        print(json.dumps({"curtailed_w": max(0.0, min(best))}))
+        return {"infeasible": True}
+    return {"curtailed_w": max(0.0, min(best))}
+
+
+def main():
+    print(json.dumps([optimum(s) for s in json.load(sys.stdin)]))
 
 
 if __name__ == "__main__":
