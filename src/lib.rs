@@ -7,6 +7,7 @@
 //! metrics. The planner, the store's writer and the aggregator link run beside the loop and
 //! are never waited for.
 
+pub mod calendar;
 pub mod clock;
 pub mod config;
 pub mod control;

@@ -554,3 +554,19 @@ fn follow_time_shorter_than_the_write_interval_is_refused() {
         .unwrap_or_else(|| panic!("{errs:?}"));
     assert_eq!(e.line, line_of(&text, "follow_after_s"));
 }
+
+#[test]
+fn a_bad_time_of_day_is_located_and_explained() {
+    let text = format!(
+        "{BASE}{}working_mode:\n  mode: time_of_use\n  periods:\n    - {{ kind: charge, start: \"22:00\", end: \"6:00\" }}\n",
+        inverter("a", "lan1", 1, "saj-h2")
+    );
+    let e = &errors(&text)[0];
+    assert_eq!(e.line, line_of(&text, "6:00\" }"));
+    assert!(
+        e.message.contains("`6:00` is not a time of day"),
+        "{}",
+        e.message
+    );
+    assert!(e.hint.contains("HH:MM"), "{}", e.hint);
+}

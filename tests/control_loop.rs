@@ -334,8 +334,8 @@ async fn time_of_use_charge_window_charges_at_night_then_self_consumption() {
     c.working_mode.periods = vec![site_ems::config::TouPeriod {
         kind: site_ems::config::TouKind::Charge,
         days: vec![],
-        start: "02:00".into(),
-        end: "02:10".into(),
+        start: "02:00".parse().unwrap(),
+        end: "02:10".parse().unwrap(),
         power_w: Some(30_000.0),
     }];
     let mut l = ClosedLoop::start(c).await.unwrap();

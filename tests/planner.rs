@@ -363,3 +363,81 @@ fn plan_chart_is_an_svg_with_a_bar_per_step() {
     assert_eq!(svg.matches("<polyline").count(), 3);
     assert!(svg.contains("without batteries"));
 }
+
+/// The planner's tariff and the guard loop's time-of-use window read one calendar: for an
+/// overnight window on each weekday, every quarter hour of the weeks of both DST changes
+/// (Europe/Berlin) gets the cheap price from the planner exactly when the guard loop's
+/// charge window is open, and both match the wall-clock rule written out here.
+#[test]
+fn overnight_windows_agree_between_planner_and_guard_loop_across_dst() {
+    use chrono::{Datelike, TimeZone, Timelike, Utc};
+    use site_ems::config::{PricePeriod, TouKind, TouPeriod, Weekday};
+    const DAYS: [Weekday; 7] = [
+        Weekday::Mon,
+        Weekday::Tue,
+        Weekday::Wed,
+        Weekday::Thu,
+        Weekday::Fri,
+        Weekday::Sat,
+        Weekday::Sun,
+    ];
+    let base = site_ems::config::SiteConfig::load(std::path::Path::new("sites/demo.yaml")).unwrap();
+    let tz: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
+    let weeks = [
+        Utc.with_ymd_and_hms(2026, 3, 25, 12, 0, 0).unwrap(),
+        Utc.with_ymd_and_hms(2026, 10, 21, 12, 0, 0).unwrap(),
+    ];
+    for (d, day) in DAYS.iter().enumerate() {
+        let mut c = base.clone();
+        c.site.timezone = "Europe/Berlin".into();
+        let mut p = c.planner.clone().unwrap();
+        p.horizon_h = 168.0;
+        let tariff = p
+            .import_price
+            .tou
+            .as_mut()
+            .expect("demo prices are time-of-use");
+        tariff.default = 0.30;
+        tariff.periods = vec![PricePeriod {
+            days: vec![*day],
+            start: "22:00".parse().unwrap(),
+            end: "06:00".parse().unwrap(),
+            price: 0.05,
+        }];
+        c.working_mode.mode = WorkingMode::TimeOfUse;
+        c.working_mode.periods = vec![TouPeriod {
+            kind: TouKind::Charge,
+            days: vec![*day],
+            start: "22:00".parse().unwrap(),
+            end: "06:00".parse().unwrap(),
+            power_w: None,
+        }];
+        let mode = site_ems::control::params::mode_params(&c.working_mode, tz);
+        for start in weeks {
+            let i = site_ems::planner::inputs::from_config(
+                &c,
+                &p,
+                start,
+                &[50.0; 10],
+                &Default::default(),
+                None,
+            )
+            .unwrap();
+            assert_eq!(i.steps(), 672);
+            for (k, price) in i.import_price.iter().enumerate() {
+                let t = i.start + chrono::Duration::minutes(15 * k as i64);
+                let local = t.with_timezone(&tz);
+                let wd = local.weekday().num_days_from_monday() as usize;
+                let expected =
+                    (wd == d && local.hour() >= 22) || (wd == (d + 1) % 7 && local.hour() < 6);
+                let guard = site_ems::control::mode::active_window(&mode, t).is_some();
+                assert_eq!(guard, expected, "guard loop, window on {day:?}, at {local}");
+                assert_eq!(
+                    *price == 0.05,
+                    expected,
+                    "planner, window on {day:?}, at {local}"
+                );
+            }
+        }
+    }
+}

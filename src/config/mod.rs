@@ -11,8 +11,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::calendar::{ClockTime, Days, Window};
+
 pub use locate::{Locator, PathSeg};
-pub use validate::parse_hhmm;
 
 /// A whole site file, as written by the installer.
 #[derive(Debug, Clone, Deserialize)]
@@ -63,10 +64,25 @@ pub struct PricePeriod {
     /// Empty means every day.
     #[serde(default)]
     pub days: Vec<Weekday>,
-    pub start: String,
-    pub end: String,
+    /// `HH:MM` in the site timezone; an end at or before the start runs past midnight.
+    pub start: ClockTime,
+    pub end: ClockTime,
     /// Per kWh; may be negative.
     pub price: f64,
+}
+
+impl PricePeriod {
+    pub fn window(&self) -> Window {
+        window(&self.days, self.start, self.end)
+    }
+}
+
+fn window(days: &[Weekday], start: ClockTime, end: ClockTime) -> Window {
+    Window {
+        days: Days::from_indices(days.iter().map(|d| *d as u8)),
+        start,
+        end,
+    }
 }
 
 /// Where a price or power series comes from: time-of-use periods, or a CSV file of
@@ -542,12 +558,19 @@ pub struct TouPeriod {
     #[serde(default)]
     pub days: Vec<Weekday>,
     /// `HH:MM` in the site timezone.
-    pub start: String,
-    /// `HH:MM`; an end before the start wraps past midnight.
-    pub end: String,
+    pub start: ClockTime,
+    /// `HH:MM`; an end at or before the start runs past midnight (the window belongs to
+    /// the day it starts on).
+    pub end: ClockTime,
     /// Fleet battery power in the window; the fleet's rating when absent.
     #[serde(default)]
     pub power_w: Option<f64>,
+}
+
+impl TouPeriod {
+    pub fn window(&self) -> Window {
+        window(&self.days, self.start, self.end)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -968,6 +991,8 @@ fn parse_hint(message: &str) -> String {
         "add the field named in the message".into()
     } else if message.contains("unknown variant") {
         "use one of the values the message lists".into()
+    } else if message.contains("is not a time of day") {
+        "write the time as HH:MM in the site timezone, e.g. 01:30".into()
     } else if message.contains("invalid type") {
         "give a value of the type the message expects (numbers without quotes, lists with '-')"
             .into()

@@ -246,19 +246,6 @@ fn planner(c: &SiteConfig, r: &mut Report) {
                 "give `tou: {default: 0.30, periods: [...]}` or `csv: prices.csv`",
             );
         }
-        if let Some(t) = &src.tou {
-            for (i, per) in t.periods.iter().enumerate() {
-                for (f, v) in [("start", &per.start), ("end", &per.end)] {
-                    if parse_hhmm(v).is_none() {
-                        r.err(
-                            path!["planner", field, "tou", "periods", i, f],
-                            format!("`{v}` is not a time of day"),
-                            "write HH:MM in the site timezone",
-                        );
-                    }
-                }
-            }
-        }
     }
     for (field, v, lo, hi) in [
         (
@@ -476,21 +463,6 @@ fn limits(c: &SiteConfig, r: &mut Report) {
     }
 }
 
-/// `HH:MM`, 00:00–23:59, or 24:00 for the end of the day.
-pub fn parse_hhmm(s: &str) -> Option<u32> {
-    let (h, m) = s.split_once(':')?;
-    if h.len() != 2 || m.len() != 2 {
-        return None;
-    }
-    let h: u32 = h.parse().ok()?;
-    let m: u32 = m.parse().ok()?;
-    if (h < 24 && m < 60) || (h == 24 && m == 0) {
-        Some(h * 60 + m)
-    } else {
-        None
-    }
-}
-
 fn control_and_mode(c: &SiteConfig, r: &mut Report) {
     if !(200..=10_000).contains(&c.control.cycle_ms) {
         r.err(
@@ -622,15 +594,6 @@ fn control_and_mode(c: &SiteConfig, r: &mut Report) {
         );
     }
     for (i, p) in w.periods.iter().enumerate() {
-        for (field, value) in [("start", &p.start), ("end", &p.end)] {
-            if parse_hhmm(value).is_none() {
-                r.err(
-                    path!["working_mode", "periods", i, field],
-                    format!("`{value}` is not a time of day"),
-                    "write times as HH:MM in the site timezone, e.g. 01:30",
-                );
-            }
-        }
         if let Some(pw) = p.power_w {
             if !(pw.is_finite() && pw > 0.0) {
                 r.err(

@@ -1,7 +1,7 @@
 //! Working modes (DESIGN.md §5) as a concern: each narrows a unit's battery window and
 //! says what the fleet should aim for.
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
+use chrono::{DateTime, Utc};
 
 use super::params::{ModeParams, TouWindow};
 use super::UnitView;
@@ -20,20 +20,7 @@ pub struct ModeIntent {
 
 /// The window in force at `now`, if any.
 pub fn active_window(m: &ModeParams, now: DateTime<Utc>) -> Option<&TouWindow> {
-    let local = now.with_timezone(&m.tz);
-    let minute = local.hour() * 60 + local.minute();
-    let today = local.weekday().num_days_from_monday() as u8;
-    let yesterday = (today + 6) % 7;
-    m.windows.iter().find(|w| {
-        if w.start_min < w.end_min {
-            w.days & (1 << today) != 0 && (w.start_min..w.end_min).contains(&minute)
-        } else {
-            // Past midnight: the part before midnight belongs to today's window, the part
-            // after it to yesterday's.
-            (w.days & (1 << today) != 0 && minute >= w.start_min)
-                || (w.days & (1 << yesterday) != 0 && minute < w.end_min)
-        }
-    })
+    m.windows.iter().find(|w| w.window.contains(now, m.tz))
 }
 
 /// Apply the working mode: narrow each unit's `[lo, hi]` battery window in place and return

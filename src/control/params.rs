@@ -2,10 +2,9 @@
 
 use chrono_tz::Tz;
 
-use crate::config::parse_hhmm;
+use crate::calendar::Window;
 use crate::config::{
-    ConflictPriority, LimitMode, Phase, SiteConfig, TouKind, Weekday, WorkingMode,
-    WorkingModeConfig,
+    ConflictPriority, LimitMode, Phase, SiteConfig, TouKind, WorkingMode, WorkingModeConfig,
 };
 
 /// A limit at the grid connection, per phase or for the sum of phases.
@@ -83,14 +82,11 @@ impl UnitParams {
     }
 }
 
-/// A time-of-use window, minutes from local midnight.
+/// A time-of-use window (local time, `calendar`'s midnight rule).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TouWindow {
     pub kind: TouKind,
-    /// Bit 0 = Monday … bit 6 = Sunday.
-    pub days: u8,
-    pub start_min: u32,
-    pub end_min: u32,
+    pub window: Window,
     pub power_w: Option<f64>,
 }
 
@@ -123,10 +119,6 @@ pub struct ControlParams {
     pub units: Vec<UnitParams>,
 }
 
-fn day_bit(d: Weekday) -> u8 {
-    1 << (d as u8)
-}
-
 pub fn mode_params(w: &WorkingModeConfig, tz: Tz) -> ModeParams {
     ModeParams {
         mode: w.mode,
@@ -136,13 +128,7 @@ pub fn mode_params(w: &WorkingModeConfig, tz: Tz) -> ModeParams {
             .iter()
             .map(|p| TouWindow {
                 kind: p.kind,
-                days: if p.days.is_empty() {
-                    0x7F
-                } else {
-                    p.days.iter().fold(0, |m, d| m | day_bit(*d))
-                },
-                start_min: parse_hhmm(&p.start).unwrap_or(0),
-                end_min: parse_hhmm(&p.end).unwrap_or(0),
+                window: p.window(),
                 power_w: p.power_w,
             })
             .collect(),

@@ -296,9 +296,7 @@ fn import_limit_raises_discharge() {
     p.mode.mode = WorkingMode::TimeOfUse;
     p.mode.windows = vec![TouWindow {
         kind: TouKind::Charge,
-        days: 0x7F,
-        start_min: 0,
-        end_min: 24 * 60,
+        window: every_day(0, 24 * 60),
         power_w: Some(10_000.0),
     }];
     let (d, _) = step(
@@ -319,14 +317,21 @@ fn import_limit_raises_discharge() {
     );
 }
 
+fn every_day(start_min: u32, end_min: u32) -> crate::calendar::Window {
+    use crate::calendar::{ClockTime, Days, Window};
+    Window {
+        days: Days::ALL,
+        start: ClockTime::from_minutes(start_min).unwrap(),
+        end: ClockTime::from_minutes(end_min).unwrap(),
+    }
+}
+
 fn tou(kind: TouKind, start: u32, end: u32) -> ControlParams {
     let mut p = params(fleet3(2), GridLimit::Total(0.0));
     p.mode.mode = WorkingMode::TimeOfUse;
     p.mode.windows = vec![TouWindow {
         kind,
-        days: 0x7F,
-        start_min: start,
-        end_min: end,
+        window: every_day(start, end),
         power_w: Some(6000.0),
     }];
     p

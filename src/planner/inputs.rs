@@ -2,14 +2,13 @@
 //! forecasts (model, profile or CSV), the batteries and the grid connection's limits.
 //! Each source says where its numbers came from.
 
-use chrono::{DateTime, Datelike, Timelike, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use chrono_tz::Tz;
 
 use super::series::Series;
 use super::{Battery, PlanInputs, Sources};
 use crate::config::{
-    parse_hhmm, LimitMode, LoadForecastConfig, PlannerConfig, PriceSource, PvForecastConfig,
-    SiteConfig,
+    LimitMode, LoadForecastConfig, PlannerConfig, PriceSource, PvForecastConfig, SiteConfig,
 };
 use crate::solar::clear_sky;
 use crate::store::Store;
@@ -48,24 +47,10 @@ fn price_source(
 }
 
 fn tou_price(t: &crate::config::TouTariff, local: chrono::NaiveDateTime) -> f64 {
-    let minute = local.hour() * 60 + local.minute();
-    let day = local.weekday().num_days_from_monday() as u8;
-    for p in &t.periods {
-        let on_day = p.days.is_empty() || p.days.iter().any(|d| *d as u8 == day);
-        let (s, e) = (
-            parse_hhmm(&p.start).unwrap_or(0),
-            parse_hhmm(&p.end).unwrap_or(0),
-        );
-        let inside = if s < e {
-            (s..e).contains(&minute)
-        } else {
-            minute >= s || minute < e
-        };
-        if on_day && inside {
-            return p.price;
-        }
-    }
-    t.default
+    t.periods
+        .iter()
+        .find(|p| p.window().contains_local(local))
+        .map_or(t.default, |p| p.price)
 }
 
 fn value_at(src: &Source, t: DateTime<Utc>, tz: Tz, what: &str) -> Result<f64, String> {
