@@ -39,6 +39,8 @@ fn inputs(batteries: usize, steps: usize) -> PlanInputs {
                     soc_min_pct: 10.0,
                     soc_max_pct: 100.0,
                     soc_pct: 40.0,
+                    rated_w: f64::INFINITY,
+                    pv_share: 0.0,
                 }
             })
             .collect(),

@@ -789,6 +789,10 @@ pub struct InverterConfig {
     pub link: String,
     pub unit_id: u8,
     pub battery: BatteryConfig,
+    /// DC PV on this hybrid, W peak. The planner gives the unit this share of the site's PV
+    /// forecast and keeps its PV and battery together within `rated_power_w`.
+    #[serde(default)]
+    pub pv_peak_w: Option<f64>,
 }
 
 impl InverterConfig {

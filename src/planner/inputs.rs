@@ -252,6 +252,10 @@ pub fn from_config(
             "recorded history: same weekday and time over the last {weeks} weeks ({from_history} steps from {history_samples} samples, {from_fallback} steps from the profile)"
         ),
     };
+    // Each hybrid's share of the forecast: its DC PV over all the site's PV (the forecast
+    // model's peak when that is larger; the rest is AC-coupled).
+    let dc_pv_w: f64 = c.inverters.iter().filter_map(|inv| inv.pv_peak_w).sum();
+    let site_pv_w = dc_pv_w.max(if pv_csv.is_none() { pv_peak } else { 0.0 });
     for (k, inv) in c.inverters.iter().enumerate() {
         let b = &inv.battery;
         inputs.batteries.push(Battery {
@@ -268,6 +272,11 @@ pub fn from_config(
                 .copied()
                 .unwrap_or(b.soc_min_pct)
                 .clamp(0.0, 100.0),
+            rated_w: inv.rated_power_w,
+            pv_share: match inv.pv_peak_w {
+                Some(w) if site_pv_w > 0.0 => w / site_pv_w,
+                _ => 0.0,
+            },
         });
     }
     Ok(inputs)

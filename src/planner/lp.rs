@@ -1,8 +1,15 @@
-//! The LP, built with good_lp and solved with Clarabel.
-
-use std::time::Instant;
+//! The planning LP for one set of direction choices, built with good_lp and solved with
+//! Clarabel.
+//!
+//! Per class and step: charge `c`, discharge `d` (AC side) and the energy stored `e` at the
+//! step's end; per step: import, export and curtailed PV (at each hybrid, and of the rest).
+//! The relaxation lets a battery charge and discharge at once and the site import and export
+//! at once; `exact` forbids that where it pays, by fixing directions (`Fixings`).
 
 use good_lp::{variable, variables, Expression, ResolutionError, Solution, SolverModel, Variable};
+
+use super::classes::Class;
+use super::{PlanError, PlanInputs};
 
 #[cfg(not(feature = "solver-clarabel"))]
 compile_error!("the planner needs an LP solver: enable the `solver-clarabel` feature");
@@ -17,298 +24,316 @@ fn solver(
     let mut problem = vars
         .minimise(objective)
         .using(good_lp::solvers::clarabel::clarabel);
-    problem.settings().time_limit(time_limit_s);
+    problem.settings().time_limit(time_limit_s.max(0.001));
     problem
 }
 
-use super::{baseline_cost, BatteryStep, Plan, PlanError, PlanInputs, PlanStep};
-
 /// The LP works in kW and kWh: watts against prices per kWh spread the coefficients over
 /// nine orders of magnitude, which an interior-point solver resolves poorly.
-const K: f64 = 1000.0;
+pub const K: f64 = 1000.0;
 
-/// Batteries with the same efficiencies, solved as one.
-struct Group {
-    members: Vec<usize>,
-    eta_c: f64,
-    eta_d: f64,
-    cap_wh: f64,
-    max_c: f64,
-    max_d: f64,
-    e0: f64,
-    e_min: f64,
-    e_max: f64,
+/// Per kWh moved through the grid or a battery: breaks ties between plans of equal cost
+/// towards the one that moves least, so the solver does not return a battery charging and
+/// discharging (or the site importing and exporting) where nothing is gained by it. A
+/// millionth of a currency unit per kWh changes no plan's cost measurably.
+const TIE_BREAK_PER_KWH: f64 = 1e-6;
+
+/// Which way a battery or the grid connection may go in a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// Battery charges only / site imports only.
+    In,
+    /// Battery discharges only / site exports only.
+    Out,
 }
 
-fn groups(i: &PlanInputs) -> Vec<Group> {
-    let mut out: Vec<Group> = Vec::new();
-    for (k, b) in i.batteries.iter().enumerate() {
-        let floor = b.soc_min_pct.max(i.reserve_pct);
-        let g = match out
-            .iter_mut()
-            .find(|g| g.eta_c == b.charge_efficiency && g.eta_d == b.discharge_efficiency)
-        {
-            Some(g) => g,
-            None => {
-                out.push(Group {
-                    members: Vec::new(),
-                    eta_c: b.charge_efficiency,
-                    eta_d: b.discharge_efficiency,
-                    cap_wh: 0.0,
-                    max_c: 0.0,
-                    max_d: 0.0,
-                    e0: 0.0,
-                    e_min: 0.0,
-                    e_max: 0.0,
-                });
-                out.last_mut().expect("just pushed")
-            }
-        };
-        g.members.push(k);
-        g.cap_wh += b.capacity_wh;
-        g.max_c += b.max_charge_w;
-        g.max_d += b.max_discharge_w;
-        g.e0 += b.capacity_wh * b.soc_pct / 100.0;
-        g.e_min += b.capacity_wh * floor / 100.0;
-        g.e_max += b.capacity_wh * b.soc_max_pct / 100.0;
-    }
-    out
+/// Directions fixed so far: per class and step, and per step for the grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fixings {
+    pub battery: Vec<Vec<Option<Way>>>,
+    pub grid: Vec<Option<Way>>,
 }
 
-fn check(i: &PlanInputs) -> Result<(), PlanError> {
-    let n = i.steps();
-    if n == 0 {
-        return Err(PlanError::Inputs("no steps".into()));
-    }
-    for (name, v) in [
-        ("export price", &i.export_price),
-        ("PV", &i.pv_w),
-        ("load", &i.load_w),
-    ] {
-        if v.len() != n {
-            return Err(PlanError::Inputs(format!(
-                "{name} has {} values for {n} steps",
-                v.len()
-            )));
+impl Fixings {
+    pub fn none(classes: usize, steps: usize) -> Fixings {
+        Fixings {
+            battery: vec![vec![None; steps]; classes],
+            grid: vec![None; steps],
         }
     }
-    let all = i
-        .import_price
-        .iter()
-        .chain(&i.export_price)
-        .chain(&i.pv_w)
-        .chain(&i.load_w);
-    if all.clone().any(|x| !x.is_finite()) {
-        return Err(PlanError::Inputs(
-            "a price or forecast is not a number".into(),
-        ));
-    }
-    Ok(())
 }
 
-/// Solve the plan. Always returns a plan when the inputs are sound; SOC bounds that cannot
-/// be kept are reported in `violations`.
-pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
-    check(i)?;
-    let started = Instant::now();
+/// A solution in W and Wh, per class (`[class][step]`) and per step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Flows {
+    pub import_w: Vec<f64>,
+    pub export_w: Vec<f64>,
+    /// PV curtailed outside the hybrids (AC-coupled PV).
+    pub curtail_site_w: Vec<f64>,
+    /// PV curtailed at each class's hybrids.
+    pub curtail_w: Vec<Vec<f64>>,
+    pub charge_w: Vec<Vec<f64>>,
+    pub discharge_w: Vec<Vec<f64>>,
+    pub energy_wh: Vec<Vec<f64>>,
+    /// Energy below the floor / above the maximum (soft bounds), Wh.
+    pub below_wh: Vec<Vec<f64>>,
+    pub above_wh: Vec<Vec<f64>>,
+}
+
+/// PV forecast on a class's hybrids in step `t`.
+pub fn pv_on(i: &PlanInputs, c: &Class, t: usize) -> f64 {
+    i.pv_w[t] * c.pv_share
+}
+
+/// PV outside the hybrids.
+pub fn pv_elsewhere(i: &PlanInputs, classes: &[Class], t: usize) -> f64 {
+    let on: f64 = classes.iter().map(|c| c.pv_share).sum();
+    i.pv_w[t] * (1.0 - on).max(0.0)
+}
+
+/// Whether a class's AC rating can bind in step `t`: PV and full discharge above it.
+pub fn rating_binds(i: &PlanInputs, c: &Class, t: usize) -> bool {
+    c.rated_w.is_finite() && pv_on(i, c, t) + c.max_d_w > c.rated_w
+}
+
+/// The value of the energy left at the end, per kWh, for a class.
+pub fn terminal_value(i: &PlanInputs, c: &Class) -> f64 {
+    let mean_import = i.import_price.iter().sum::<f64>() / i.steps().max(1) as f64;
+    i.terminal_value_per_kwh.unwrap_or(mean_import * c.eta_d)
+}
+
+/// The objective of a solution: energy cost, cycling cost, SOC penalties and tie-breaks,
+/// less the value of the energy left. The same sum the LP minimises, so a repaired
+/// solution and an LP's can be compared.
+pub fn objective(i: &PlanInputs, classes: &[Class], f: &Flows) -> f64 {
+    let dt_h = i.step_s / 3600.0;
+    let n = i.steps();
+    let mut total = 0.0;
+    for t in 0..n {
+        let (imp, exp) = (f.import_w[t] / K, f.export_w[t] / K);
+        total += (i.import_price[t] * imp - i.export_price[t] * exp) * dt_h;
+        total += TIE_BREAK_PER_KWH * (imp + exp) * dt_h;
+    }
+    for (k, c) in classes.iter().enumerate() {
+        for t in 0..n {
+            let moved = (f.charge_w[k][t] + f.discharge_w[k][t]) / K;
+            total += (i.cycling_cost_per_kwh + TIE_BREAK_PER_KWH) * moved * dt_h;
+            total += i.soc_penalty_per_kwh * (f.below_wh[k][t] + f.above_wh[k][t]) / K;
+        }
+        total -= terminal_value(i, c) * f.energy_wh[k][n - 1] / K;
+    }
+    total
+}
+
+struct Vars {
+    imp: Vec<Variable>,
+    exp: Vec<Variable>,
+    cur_site: Vec<Variable>,
+    /// Only for classes with PV on them.
+    cur: Vec<Option<Vec<Variable>>>,
+    c: Vec<Vec<Variable>>,
+    d: Vec<Vec<Variable>>,
+    e: Vec<Vec<Variable>>,
+    /// Only for classes that start outside their bounds.
+    slack: Vec<Option<(Vec<Variable>, Vec<Variable>)>>,
+}
+
+fn upper(fixed: Option<Way>, blocked: Way, cap: f64) -> f64 {
+    if fixed == Some(blocked) {
+        0.0
+    } else {
+        cap
+    }
+}
+
+fn add_vars(
+    vars: &mut good_lp::ProblemVariables,
+    i: &PlanInputs,
+    classes: &[Class],
+    fix: &Fixings,
+) -> Vars {
+    let n = i.steps();
+    let add = |vars: &mut good_lp::ProblemVariables, hi: f64| vars.add(variable().min(0.0).max(hi));
+    let imp = (0..n)
+        .map(|t| {
+            let cap = i.import_cap_w(t).map_or(f64::INFINITY, |w| w.max(0.0) / K);
+            add(vars, upper(fix.grid[t], Way::Out, cap))
+        })
+        .collect();
+    let exp = (0..n)
+        .map(|t| add(vars, upper(fix.grid[t], Way::In, i.export_cap_w(t) / K)))
+        .collect();
+    let cur_site = (0..n)
+        .map(|t| add(vars, pv_elsewhere(i, classes, t) / K))
+        .collect();
+    let mut v = Vars {
+        imp,
+        exp,
+        cur_site,
+        cur: Vec::new(),
+        c: Vec::new(),
+        d: Vec::new(),
+        e: Vec::new(),
+        slack: Vec::new(),
+    };
+    for (k, cl) in classes.iter().enumerate() {
+        let f = &fix.battery[k];
+        v.cur.push(
+            (cl.pv_share > 0.0).then(|| (0..n).map(|t| add(vars, pv_on(i, cl, t) / K)).collect()),
+        );
+        v.c.push(
+            (0..n)
+                .map(|t| add(vars, upper(f[t], Way::Out, cl.max_c_w / K)))
+                .collect(),
+        );
+        v.d.push(
+            (0..n)
+                .map(|t| add(vars, upper(f[t], Way::In, cl.max_d_w / K)))
+                .collect(),
+        );
+        if cl.bounds_hold_at_start() {
+            v.e.push(
+                (0..n)
+                    .map(|_| vars.add(variable().min(cl.lo_wh / K).max(cl.hi_wh / K)))
+                    .collect(),
+            );
+            v.slack.push(None);
+        } else {
+            v.e.push((0..n).map(|_| add(vars, cl.cap_wh / K)).collect());
+            let lo = (0..n).map(|_| vars.add(variable().min(0.0))).collect();
+            let hi = (0..n).map(|_| vars.add(variable().min(0.0))).collect();
+            v.slack.push(Some((lo, hi)));
+        }
+    }
+    v
+}
+
+fn lp_objective(i: &PlanInputs, classes: &[Class], v: &Vars) -> Expression {
+    let dt_h = i.step_s / 3600.0;
+    let n = i.steps();
+    let mut objective = Expression::with_capacity(n * (2 + 2 * classes.len()) + classes.len());
+    for t in 0..n {
+        objective.add_mul((i.import_price[t] + TIE_BREAK_PER_KWH) * dt_h, v.imp[t]);
+        objective.add_mul((TIE_BREAK_PER_KWH - i.export_price[t]) * dt_h, v.exp[t]);
+    }
+    for (k, c) in classes.iter().enumerate() {
+        let per_kwh = (i.cycling_cost_per_kwh + TIE_BREAK_PER_KWH) * dt_h;
+        for t in 0..n {
+            objective.add_mul(per_kwh, v.c[k][t]);
+            objective.add_mul(per_kwh, v.d[k][t]);
+        }
+        if let Some((lo, hi)) = &v.slack[k] {
+            for t in 0..n {
+                objective.add_mul(i.soc_penalty_per_kwh, lo[t]);
+                objective.add_mul(i.soc_penalty_per_kwh, hi[t]);
+            }
+        }
+        objective.add_mul(-terminal_value(i, c), v.e[k][n - 1]);
+    }
+    objective
+}
+
+/// Solve the LP with the directions in `fix`. `Ok(None)` when those directions leave no
+/// feasible plan.
+pub fn solve_fixed(
+    i: &PlanInputs,
+    classes: &[Class],
+    fix: &Fixings,
+    time_limit_s: f64,
+) -> Result<Option<Flows>, PlanError> {
     let n = i.steps();
     let dt_h = i.step_s / 3600.0;
-    let gs = groups(i);
-    let mean_import = i.import_price.iter().sum::<f64>() / n as f64;
-
     let mut vars = variables!();
-    let imp: Vec<Variable> = (0..n)
-        .map(|t| {
-            let cap = i.import_cap_w(t).map_or(f64::INFINITY, |w| w / K);
-            vars.add(variable().min(0.0).max(cap))
-        })
-        .collect();
-    let exp: Vec<Variable> = (0..n)
-        .map(|t| vars.add(variable().min(0.0).max(i.export_cap_w(t) / K)))
-        .collect();
-    let cur: Vec<Variable> = (0..n)
-        .map(|t| vars.add(variable().min(0.0).max(i.pv_w[t] / K)))
-        .collect();
-    let mut c = Vec::new();
-    let mut d = Vec::new();
-    let mut e = Vec::new();
-    let mut slack_lo = Vec::new();
-    let mut slack_hi = Vec::new();
-    for g in &gs {
-        c.push(
-            (0..n)
-                .map(|_| vars.add(variable().min(0.0).max(g.max_c / K)))
-                .collect::<Vec<_>>(),
-        );
-        d.push(
-            (0..n)
-                .map(|_| vars.add(variable().min(0.0).max(g.max_d / K)))
-                .collect::<Vec<_>>(),
-        );
-        e.push(
-            (0..n)
-                .map(|_| vars.add(variable().min(0.0).max(g.cap_wh / K)))
-                .collect::<Vec<_>>(),
-        );
-        slack_lo.push(
-            (0..n)
-                .map(|_| vars.add(variable().min(0.0)))
-                .collect::<Vec<_>>(),
-        );
-        slack_hi.push(
-            (0..n)
-                .map(|_| vars.add(variable().min(0.0)))
-                .collect::<Vec<_>>(),
-        );
-    }
-
-    let mut objective = Expression::from(0.0);
+    let v = add_vars(&mut vars, i, classes, fix);
+    let objective = lp_objective(i, classes, &v);
+    let mut problem = solver(vars, objective, time_limit_s);
     for t in 0..n {
-        // Exporting is never worth more than importing: no buying to sell in the same step.
-        let export_price = i.export_price[t].min(i.import_price[t]);
-        objective += (i.import_price[t] * dt_h) * imp[t];
-        objective -= (export_price * dt_h) * exp[t];
-    }
-    for (k, g) in gs.iter().enumerate() {
-        let terminal = i.terminal_value_per_kwh.unwrap_or(mean_import * g.eta_d);
-        for t in 0..n {
-            objective += (i.cycling_cost_per_kwh * dt_h) * (c[k][t] + d[k][t]);
-            objective += i.soc_penalty_per_kwh * (slack_lo[k][t] + slack_hi[k][t]);
+        // Import less export is the net load: load, less PV not curtailed, plus charging.
+        let mut rhs = Expression::with_capacity(3 + 3 * classes.len());
+        rhs.add_mul((i.load_w[t] - i.pv_w[t]) / K, 1.0);
+        rhs.add_mul(1.0, v.cur_site[t]);
+        for k in 0..classes.len() {
+            rhs.add_mul(1.0, v.c[k][t]);
+            rhs.add_mul(-1.0, v.d[k][t]);
+            if let Some(cur) = &v.cur[k] {
+                rhs.add_mul(1.0, cur[t]);
+            }
         }
-        objective -= terminal * e[k][n - 1];
+        problem = problem.with((v.imp[t] - v.exp[t]).eq(rhs));
     }
-
-    let mut problem = solver(vars, objective.clone(), i.time_limit_s);
-    for t in 0..n {
-        let mut battery = Expression::from(0.0);
-        for k in 0..gs.len() {
-            battery += c[k][t] - d[k][t];
-        }
-        problem =
-            problem.with((imp[t] - exp[t]).eq((i.load_w[t] - i.pv_w[t]) / K + cur[t] + battery));
-    }
-    for (k, g) in gs.iter().enumerate() {
+    for (k, cl) in classes.iter().enumerate() {
         for t in 0..n {
-            let before: Expression = if t == 0 {
-                Expression::from(g.e0 / K)
+            let mut flow = Expression::with_capacity(4);
+            flow.add_mul(1.0, v.e[k][t]);
+            if t == 0 {
+                flow.add_mul(-cl.e0_wh / K, 1.0);
             } else {
-                e[k][t - 1].into()
-            };
-            let flow = (g.eta_c * dt_h) * c[k][t] - (dt_h / g.eta_d) * d[k][t];
-            problem = problem
-                .with((e[k][t] - before - flow).eq(0.0))
-                .with((e[k][t] + slack_lo[k][t]).geq(g.e_min / K))
-                .with((e[k][t] - slack_hi[k][t]).leq(g.e_max / K));
+                flow.add_mul(-1.0, v.e[k][t - 1]);
+            }
+            flow.add_mul(-cl.eta_c * dt_h, v.c[k][t]);
+            flow.add_mul(dt_h / cl.eta_d, v.d[k][t]);
+            problem = problem.with(flow.eq(0.0));
+            if let Some((lo, hi)) = &v.slack[k] {
+                problem = problem
+                    .with((v.e[k][t] + lo[t]).geq(cl.lo_wh / K))
+                    .with((v.e[k][t] - hi[t]).leq(cl.hi_wh / K));
+            }
+            if rating_binds(i, cl, t) {
+                // A hybrid's AC output is its PV (less curtailment) and its battery.
+                let mut ac = Expression::with_capacity(3);
+                ac.add_mul(1.0, v.d[k][t]);
+                ac.add_mul(-1.0, v.c[k][t]);
+                ac.add_mul(pv_on(i, cl, t) / K, 1.0);
+                if let Some(cur) = &v.cur[k] {
+                    ac.add_mul(-1.0, cur[t]);
+                }
+                problem = problem.with(ac.leq(cl.rated_w / K));
+            }
         }
     }
-
-    let solution = problem.solve().map_err(|err| match err {
+    let solution = match problem.solve() {
+        Ok(s) => s,
+        Err(ResolutionError::Infeasible) => return Ok(None),
         // good_lp's wording for Clarabel's MaxTime status.
-        ResolutionError::Other("Time limit reached") => PlanError::Timeout(i.time_limit_s),
-        other => PlanError::Solver(other.to_string()),
-    })?;
-    let solve_ms = started.elapsed().as_secs_f64() * 1000.0;
-    if started.elapsed().as_secs_f64() > i.time_limit_s {
-        return Err(PlanError::Timeout(i.time_limit_s));
-    }
-
-    // Share each group's power among its batteries, step by step.
-    let nb = i.batteries.len();
-    let mut power = vec![vec![0.0; n]; nb];
-    let mut soc = vec![vec![0.0; n]; nb];
-    let mut violations = Vec::new();
-    for (k, g) in gs.iter().enumerate() {
-        let mut energy: Vec<f64> = g
-            .members
-            .iter()
-            .map(|&b| i.batteries[b].capacity_wh * i.batteries[b].soc_pct / 100.0)
-            .collect();
-        for t in 0..n {
-            let net = (solution.value(d[k][t]) - solution.value(c[k][t])) * K;
-            let rooms: Vec<f64> = g
-                .members
-                .iter()
-                .zip(&energy)
-                .map(|(&b, &en)| {
-                    let bat = &i.batteries[b];
-                    if net >= 0.0 {
-                        let above = (en
-                            - bat.capacity_wh * bat.soc_min_pct.max(i.reserve_pct) / 100.0)
-                            .max(0.0);
-                        bat.max_discharge_w.min(above * g.eta_d / dt_h)
-                    } else {
-                        let below = (bat.capacity_wh * bat.soc_max_pct / 100.0 - en).max(0.0);
-                        bat.max_charge_w.min(below / g.eta_c / dt_h)
-                    }
-                })
-                .collect();
-            let total_room: f64 = rooms.iter().sum();
-            for (m, &b) in g.members.iter().enumerate() {
-                let share = if total_room > 1e-9 {
-                    net * rooms[m] / total_room
-                } else {
-                    // No room left anywhere inside the bounds: share by capacity.
-                    net * i.batteries[b].capacity_wh / g.cap_wh.max(1e-9)
-                };
-                let flow_wh = if share >= 0.0 {
-                    -share * dt_h / g.eta_d
-                } else {
-                    -share * dt_h * g.eta_c
-                };
-                energy[m] = (energy[m] + flow_wh).clamp(0.0, i.batteries[b].capacity_wh);
-                power[b][t] = share;
-                soc[b][t] = energy[m] / i.batteries[b].capacity_wh.max(1e-9) * 100.0;
-            }
-            let lo = solution.value(slack_lo[k][t]) * K;
-            let hi = solution.value(slack_hi[k][t]) * K;
-            if (lo > 1.0 || hi > 1.0) && violations.len() < 20 {
-                violations.push(format!(
-                    "step {t}: batteries {} {:.0} Wh {} their SOC bounds",
-                    g.members
-                        .iter()
-                        .map(|&b| i.batteries[b].id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    lo.max(hi),
-                    if lo > hi { "below" } else { "above" }
-                ));
-            }
+        Err(ResolutionError::Other("Time limit reached")) => {
+            return Err(PlanError::Timeout(time_limit_s))
         }
-    }
-
-    let mut cost = 0.0;
-    let steps = (0..n)
-        .map(|t| {
-            let (import, export) = (solution.value(imp[t]) * K, solution.value(exp[t]) * K);
-            let grid = import - export;
-            cost += (i.import_price[t] * import - i.export_price[t] * export) * dt_h / 1000.0;
-            PlanStep {
-                start: (i.start + chrono::Duration::seconds((t as f64 * i.step_s) as i64))
-                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                import_price: i.import_price[t],
-                export_price: i.export_price[t],
-                pv_w: i.pv_w[t],
-                load_w: i.load_w[t],
-                grid_w: grid,
-                curtailed_w: solution.value(cur[t]) * K,
-                batteries: (0..nb)
-                    .map(|b| BatteryStep {
-                        id: i.batteries[b].id.clone(),
-                        power_w: power[b][t],
-                        soc_pct: soc[b][t],
-                    })
-                    .collect(),
-            }
-        })
-        .collect();
-    Ok(Plan {
-        cost,
-        baseline_cost: baseline_cost(i),
-        objective: solution.eval(&objective),
-        solve_ms,
-        step_s: i.step_s,
-        violations,
-        sources: i.sources.clone(),
-        steps,
-    })
+        Err(other) => return Err(PlanError::Solver(other.to_string())),
+    };
+    let w = |x: &Variable| (solution.value(*x) * K).max(0.0);
+    let per_class = |vs: &Vec<Vec<Variable>>| -> Vec<Vec<f64>> {
+        vs.iter().map(|r| r.iter().map(w).collect()).collect()
+    };
+    Ok(Some(Flows {
+        import_w: v.imp.iter().map(w).collect(),
+        export_w: v.exp.iter().map(w).collect(),
+        curtail_site_w: v.cur_site.iter().map(w).collect(),
+        curtail_w: v
+            .cur
+            .iter()
+            .map(|c| {
+                c.as_ref()
+                    .map_or(vec![0.0; n], |c| c.iter().map(w).collect())
+            })
+            .collect(),
+        charge_w: per_class(&v.c),
+        discharge_w: per_class(&v.d),
+        energy_wh: per_class(&v.e),
+        below_wh: v
+            .slack
+            .iter()
+            .map(|s| {
+                s.as_ref()
+                    .map_or(vec![0.0; n], |(lo, _)| lo.iter().map(w).collect())
+            })
+            .collect(),
+        above_wh: v
+            .slack
+            .iter()
+            .map(|s| {
+                s.as_ref()
+                    .map_or(vec![0.0; n], |(_, hi)| hi.iter().map(w).collect())
+            })
+            .collect(),
+    }))
 }

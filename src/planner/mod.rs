@@ -1,22 +1,29 @@
-//! Time-of-use optimisation: an LP over the battery fleet's charge and discharge for the
-//! horizon ahead, against import and export prices, within the grid connection's limits.
+//! Time-of-use optimisation: the fleet's charge and discharge for the horizon ahead, against
+//! import and export prices, within the grid connection's limits and each unit's ratings.
 //!
-//! SOC bounds are soft (penalised slack), so a plan always exists and its violations are
-//! reported rather than failing. A value on the energy left at the end stops the plan from
-//! emptying the batteries at the horizon, and a small cycling cost breaks ties against
-//! needless churn. Batteries with the same efficiencies share one connection and aggregate
-//! exactly into one for the solve; their powers are shared out afterwards.
+//! The plan is an LP (`lp`) over classes of batteries that aggregate exactly (`classes`),
+//! made executable where the LP alone is not — negative prices, export paying more than
+//! import — by a branch and bound over directions (`exact`), then shared out and published
+//! with every SOC following the published powers (`publish`).
+//!
+//! SOC bounds are hard while a battery starts inside them; a battery that starts outside
+//! (below a raised reserve, say) gets penalised slack until it is back. A value on the energy
+//! left at the end stops the plan from emptying the batteries at the horizon, and a small
+//! cycling cost breaks ties against needless churn.
 
 pub mod chart;
+mod classes;
+mod exact;
 pub mod inputs;
 mod lp;
+mod publish;
 pub mod series;
 pub mod task;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-pub use lp::solve;
+pub use publish::solve;
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Battery {
@@ -30,6 +37,10 @@ pub struct Battery {
     pub soc_max_pct: f64,
     /// At the start of the plan.
     pub soc_pct: f64,
+    /// The unit's AC rating, shared by its battery and its own PV (`INFINITY`: not limited).
+    pub rated_w: f64,
+    /// Share of the site's PV forecast that comes through this unit (DC PV on a hybrid).
+    pub pv_share: f64,
 }
 
 /// Where each input series came from.
@@ -118,6 +129,10 @@ pub struct Plan {
     /// The LP's objective: cost, cycling cost and SOC penalties, less the value of the
     /// energy left at the end.
     pub objective: f64,
+    /// How far the objective may be above the best executable plan's, at most (%).
+    pub optimality_gap_pct: f64,
+    /// LP solves the plan took: 1 when the LP alone was executable.
+    pub lp_solves: usize,
     pub solve_ms: f64,
     pub step_s: f64,
     /// SOC bounds the plan could not keep (soft constraints), in words.

@@ -13,6 +13,8 @@ fn battery(id: &str, soc: f64) -> Battery {
         soc_min_pct: 10.0,
         soc_max_pct: 100.0,
         soc_pct: soc,
+        rated_w: f64::INFINITY,
+        pv_share: 0.0,
     }
 }
 
