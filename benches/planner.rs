@@ -1,7 +1,10 @@
-//! Planner benchmark: solve time and objective of the EMS's LP for 1 battery × 96 steps,
-//! 10 × 96 and 10 × 672 (a week at 15 min), next to the same LP built per battery with PuLP
-//! and solved with CBC (Python; a virtualenv under `target/bench/` gets PuLP from the
-//! package registry on first run).
+//! Planner benchmark: solve time and objective of the EMS's plan for 1 battery × 96 steps,
+//! 10 like batteries × 96 and × 672 (a week at 15 min), 10 mixed batteries (capacity,
+//! efficiencies, C-rate and SOC all differ) × 96 and × 672, and a negative-price day for a
+//! mixed fleet of three; next to the same model built per battery with PuLP and solved with
+//! CBC, once as an LP and once with binaries (charge xor discharge, import xor export: the
+//! physical optimum). Python; a virtualenv under `target/bench/` gets PuLP from the package
+//! registry on first run.
 //!
 //! `cargo bench --bench planner` prints both objectives and both times and writes
 //! `target/bench/planner.json` (or `BENCH_OUT`).
@@ -17,6 +20,40 @@ use site_ems::planner::{solve, Battery, PlanInputs, Sources};
 /// A site with a night rate, an evening peak, clear-sky PV and a daily load shape; the
 /// batteries share one efficiency, one C-rate and one SOC, so they aggregate exactly.
 fn inputs(batteries: usize, steps: usize) -> PlanInputs {
+    like(batteries, steps)
+}
+
+/// Batteries whose capacity, efficiencies, C-rates and SOC all differ: no two aggregate.
+fn mixed(batteries: usize, steps: usize) -> PlanInputs {
+    let mut i = like(batteries, steps);
+    for (k, b) in i.batteries.iter_mut().enumerate() {
+        let k = k as f64;
+        b.capacity_wh = 5000.0 + 1500.0 * k;
+        b.charge_efficiency = 0.90 + 0.007 * k;
+        b.discharge_efficiency = 0.97 - 0.005 * k;
+        b.max_charge_w = b.capacity_wh * (0.3 + 0.05 * k);
+        b.max_discharge_w = b.capacity_wh * (0.35 + 0.04 * k);
+        b.soc_pct = 20.0 + 6.0 * k;
+    }
+    i
+}
+
+/// Three mixed batteries on a day whose midday import prices are negative.
+fn negative_day() -> PlanInputs {
+    let mut i = mixed(3, 96);
+    for t in 0..96 {
+        let h = t as f64 / 4.0;
+        if (10.0..14.0).contains(&h) {
+            i.import_price[t] = -0.05 - 0.02 * (h - 10.0);
+            i.export_price[t] = -0.03;
+        }
+    }
+    i.cycling_cost_per_kwh = 0.0;
+    i.terminal_value_per_kwh = Some(0.0);
+    i
+}
+
+fn like(batteries: usize, steps: usize) -> PlanInputs {
     let start = Utc.with_ymd_and_hms(2026, 6, 21, 0, 0, 0).unwrap();
     let step_s = 900.0;
     let mut i = PlanInputs {
@@ -139,46 +176,80 @@ fn main() {
         eprintln!("PuLP unavailable (python3 -m venv / pip install pulp failed): EMS figures only");
     }
     let mut results = Vec::new();
-    println!("planner LP: EMS (good_lp + Clarabel, aggregated fleet) vs PuLP + CBC (per battery)");
-    for (b, n) in [(1, 96), (10, 96), (10, 672)] {
-        let i = inputs(b, n);
-        let runs = if n > 96 { 5 } else { 20 };
+    println!("planner: EMS (good_lp + Clarabel, exact classes, branch and bound where the LP is not executable)");
+    println!(
+        "         vs PuLP + CBC per battery, as an LP and with binaries (the physical optimum)"
+    );
+    let cases: Vec<(&str, PlanInputs)> = vec![
+        ("1 x 96", inputs(1, 96)),
+        ("10 like x 96", inputs(10, 96)),
+        ("10 like x 672", inputs(10, 672)),
+        ("10 mixed x 96", mixed(10, 96)),
+        ("10 mixed x 672", mixed(10, 672)),
+        ("3 mixed x 96, negative prices", negative_day()),
+    ];
+    for (name, i) in cases {
+        let runs = if i.steps() > 96 { 5 } else { 20 };
         let mut times = Vec::new();
-        let mut objective = 0.0;
+        let mut plan = None;
         for _ in 0..runs {
             let t = Instant::now();
-            let plan = solve(&i).expect("plan");
+            plan = Some(solve(&i).expect("plan"));
             times.push(t.elapsed().as_secs_f64() * 1000.0);
-            objective = plan.objective;
         }
+        let plan = plan.expect("at least one run");
         times.sort_by(f64::total_cmp);
         let ems_ms = times[times.len() / 2];
-        let input_path = out_dir.join(format!("planner-inputs-{b}x{n}.json"));
+        let input_path = out_dir.join(format!(
+            "planner-inputs-{}.json",
+            name.replace([' ', ','], "")
+        ));
         let _ = std::fs::write(&input_path, to_json(&i).to_string());
-        let pulp = python.as_ref().and_then(|py| {
-            let out = Command::new(py)
-                .arg("benches/pulp_plan.py")
-                .arg(&input_path)
-                .output()
-                .ok()?;
-            serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
-        });
-        let pulp_objective = pulp.as_ref().and_then(|p| p["objective"].as_f64());
-        let diff_pct = pulp_objective.map(|p| (objective - p).abs() / p.abs().max(1e-9) * 100.0);
+        let pulp = |milp: bool| {
+            python.as_ref().and_then(|py| {
+                let mut cmd = Command::new(py);
+                cmd.arg("benches/pulp_plan.py").arg(&input_path);
+                if milp {
+                    cmd.arg("--milp");
+                }
+                let out = cmd.output().ok()?;
+                serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()
+            })
+        };
+        let (lp, mip) = (pulp(false), pulp(true));
+        let wall_ms = |p: &Option<serde_json::Value>| {
+            p.as_ref()
+                .and_then(|p| p["wall_s"].as_f64())
+                .map(|s| s * 1000.0)
+        };
+        let objective =
+            |p: &Option<serde_json::Value>| p.as_ref().and_then(|p| p["objective"].as_f64());
+        let optimum = objective(&mip);
+        let gap_pct = optimum.map(|o| (plan.objective - o) / o.abs().max(1e-9) * 100.0);
+        let show = |x: Option<f64>, unit: &str| x.map_or("-".into(), |v| format!("{v:.3}{unit}"));
         println!(
-            "  {b:>2} × {n:>3}: EMS {ems_ms:>8.2} ms, objective {objective:.6} | PuLP+CBC {} s (wall {} s), objective {} | difference {}",
-            pulp.as_ref().and_then(|p| p["solve_s"].as_f64()).map_or("-".into(), |s| format!("{s:.3}")),
-            pulp.as_ref().and_then(|p| p["wall_s"].as_f64()).map_or("-".into(), |s| format!("{s:.3}")),
-            pulp_objective.map_or("-".into(), |o| format!("{o:.6}")),
-            diff_pct.map_or("-".into(), |d| format!("{d:.5} %")),
+            "  {name:<30} EMS {ems_ms:>8.2} ms ({} LP solves), objective {:.6} | PuLP+CBC LP {} (x{}), MILP {} (x{}), physical optimum {} | EMS above it {}",
+            plan.lp_solves,
+            plan.objective,
+            show(wall_ms(&lp), " ms"),
+            show(wall_ms(&lp).map(|w| w / ems_ms), ""),
+            show(wall_ms(&mip), " ms"),
+            show(wall_ms(&mip).map(|w| w / ems_ms), ""),
+            show(optimum, ""),
+            show(gap_pct, " %"),
         );
         results.push(json!({
-            "batteries": b,
-            "steps": n,
+            "case": name,
+            "batteries": i.batteries.len(),
+            "steps": i.steps(),
             "ems_solve_ms_median": ems_ms,
-            "ems_objective": objective,
-            "pulp": pulp,
-            "objective_difference_pct": diff_pct,
+            "ems_lp_solves": plan.lp_solves,
+            "ems_objective": plan.objective,
+            "ems_proven_gap_pct": plan.optimality_gap_pct,
+            "pulp_lp": lp,
+            "pulp_milp": mip,
+            "physical_optimum": optimum,
+            "ems_above_optimum_pct": gap_pct,
         }));
     }
     let out = std::env::var_os("BENCH_OUT")

@@ -1,6 +1,8 @@
 """Build the EMS planner's LP with PuLP, per battery (no aggregation), solve it with CBC,
 and print {"objective": ..., "solve_s": ...} as JSON. Input: the JSON the `planner` bench
-writes. Used only by `cargo bench --bench planner`."""
+writes. With `--milp`, binaries forbid charging and discharging a battery at once and
+importing and exporting at once: the physical optimum. Used only by `cargo bench --bench
+planner`."""
 import json
 import sys
 import time
@@ -8,7 +10,7 @@ import time
 import pulp
 
 
-def main(path):
+def main(path, milp=False):
     d = json.load(open(path))
     n = len(d["import_price"])
     dt = d["step_s"] / 3600.0
@@ -28,7 +30,7 @@ def main(path):
         shi.append([pulp.LpVariable(f"sh{b}_{t}", 0) for t in range(n)])
     obj = []
     for t in range(n):
-        ep = min(d["export_price"][t], d["import_price"][t])
+        ep = d["export_price"][t]
         obj.append(d["import_price"][t] * dt / 1000.0 * imp[t])
         obj.append(-ep * dt / 1000.0 * exp[t])
     for b, bat in enumerate(bats):
@@ -51,6 +53,17 @@ def main(path):
             prob += e[b][t] == before + bat["charge_efficiency"] * dt * c[b][t] - dt / bat["discharge_efficiency"] * dis[b][t]
             prob += e[b][t] + slo[b][t] >= bat["capacity_wh"] * floor / 100.0
             prob += e[b][t] - shi[b][t] <= bat["capacity_wh"] * bat["soc_max_pct"] / 100.0
+    if milp:
+        big = max(d["load_w"]) + sum(b["max_charge_w"] for b in bats) + 1.0
+        for t in range(n):
+            y = pulp.LpVariable(f"y{t}", cat="Binary")
+            prob += imp[t] <= (imp_cap if imp_cap is not None else big) * y
+            prob += exp[t] <= max(d["export_limit_w"], 0.0) * (1 - y)
+        for b, bat in enumerate(bats):
+            for t in range(n):
+                z = pulp.LpVariable(f"z{b}_{t}", cat="Binary")
+                prob += c[b][t] <= bat["max_charge_w"] * z
+                prob += dis[b][t] <= bat["max_discharge_w"] * (1 - z)
     started = time.perf_counter()
     status = prob.solve(pulp.PULP_CBC_CMD(msg=0))
     wall = time.perf_counter() - started
@@ -63,4 +76,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], "--milp" in sys.argv[2:])

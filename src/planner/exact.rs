@@ -265,9 +265,22 @@ pub fn search(i: &PlanInputs, classes: &[Class]) -> Result<Outcome, PlanError> {
         .solve(&root_fix)?
         .ok_or_else(|| PlanError::Solver("no plan meets the grid limits".into()))?;
     let mut open = BinaryHeap::new();
-    if let Some(node) = s.visit(root_fix, root) {
-        s.dive(&node)?;
-        open.push(node);
+    if conflicts(&root).is_empty() {
+        let o = objective(i, classes, &root);
+        s.offer(o, root);
+    } else {
+        // Not executable as it is: from here on, with the hull of the physical flows.
+        let hull = Fixings {
+            hull: true,
+            ..root_fix
+        };
+        let root = s
+            .solve(&hull)?
+            .ok_or_else(|| PlanError::Solver("no plan meets the grid limits".into()))?;
+        if let Some(node) = s.visit(hull, root) {
+            s.dive(&node)?;
+            open.push(node);
+        }
     }
     let mut out_of_time = false;
     while let Some(node) = open.pop() {

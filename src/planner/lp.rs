@@ -52,6 +52,10 @@ pub enum Way {
 pub struct Fixings {
     pub battery: Vec<Vec<Option<Way>>>,
     pub grid: Vec<Option<Way>>,
+    /// Add the convex hull of each step's physical flows (`c/C + d/D ≤ 1`, the same for
+    /// import and export): valid for every executable plan, and a much tighter bound for
+    /// the branching than the plain relaxation.
+    pub hull: bool,
 }
 
 impl Fixings {
@@ -59,6 +63,7 @@ impl Fixings {
         Fixings {
             battery: vec![vec![None; steps]; classes],
             grid: vec![None; steps],
+            hull: false,
         }
     }
 }
@@ -260,6 +265,16 @@ pub fn solve_fixed(
             }
         }
         problem = problem.with((v.imp[t] - v.exp[t]).eq(rhs));
+        if fix.hull && fix.grid[t].is_none() {
+            let max_c: f64 = classes.iter().map(|c| c.max_c_w).sum();
+            let max_d: f64 = classes.iter().map(|c| c.max_d_w).sum();
+            let most_in = (i.load_w[t] + max_c).min(i.import_cap_w(t).unwrap_or(f64::INFINITY));
+            let most_out = (i.pv_w[t] + max_d - i.load_w[t]).min(i.export_cap_w(t));
+            if most_in > 0.0 && most_out > 0.0 {
+                problem =
+                    problem.with(((K / most_in) * v.imp[t] + (K / most_out) * v.exp[t]).leq(1.0));
+            }
+        }
     }
     for (k, cl) in classes.iter().enumerate() {
         for t in 0..n {
@@ -273,6 +288,10 @@ pub fn solve_fixed(
             flow.add_mul(-cl.eta_c * dt_h, v.c[k][t]);
             flow.add_mul(dt_h / cl.eta_d, v.d[k][t]);
             problem = problem.with(flow.eq(0.0));
+            if fix.hull && fix.battery[k][t].is_none() && cl.max_c_w > 0.0 && cl.max_d_w > 0.0 {
+                problem = problem
+                    .with(((K / cl.max_c_w) * v.c[k][t] + (K / cl.max_d_w) * v.d[k][t]).leq(1.0));
+            }
             if let Some((lo, hi)) = &v.slack[k] {
                 problem = problem
                     .with((v.e[k][t] + lo[t]).geq(cl.lo_wh / K))

@@ -103,6 +103,8 @@ pub struct BatteryStep {
     pub id: String,
     /// + discharge, − charge (AC side).
     pub power_w: f64,
+    /// The unit's AC output: its own PV not curtailed, plus the battery (+ into the site).
+    pub ac_w: f64,
     /// At the end of the step.
     pub soc_pct: f64,
 }

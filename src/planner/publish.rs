@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::classes::{classes, Class};
 use super::exact::search;
-use super::lp::Flows;
+use super::lp::{pv_on, Flows};
 use super::{baseline_cost, BatteryStep, Plan, PlanError, PlanInputs, PlanStep};
 
 fn check(i: &PlanInputs) -> Result<(), PlanError> {
@@ -65,7 +65,7 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
     let cls = classes(i);
     let found = search(i, &cls)?;
     let solve_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let (power, soc) = share_out(i, &cls, &found.flows);
+    let (power, ac, soc) = share_out(i, &cls, &found.flows);
     let dt_h = i.step_s / 3600.0;
     let n = i.steps();
     let f = &found.flows;
@@ -87,6 +87,7 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
                     .map(|b| BatteryStep {
                         id: i.batteries[b].id.clone(),
                         power_w: power[b][t],
+                        ac_w: ac[b][t],
                         soc_pct: soc[b][t],
                     })
                     .collect(),
@@ -108,13 +109,16 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
     })
 }
 
-/// Per battery and step: power (+ discharge, W) and SOC at the step's end (%), the SOC
-/// following the published power through the battery's efficiencies.
-fn share_out(i: &PlanInputs, cls: &[Class], f: &Flows) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+type PerBattery = Vec<Vec<f64>>;
+
+/// Per battery and step: battery power (+ discharge, W), the unit's AC output (W) and SOC at
+/// the step's end (%), the SOC following the published power through the efficiencies.
+fn share_out(i: &PlanInputs, cls: &[Class], f: &Flows) -> (PerBattery, PerBattery, PerBattery) {
     let n = i.steps();
     let dt_h = i.step_s / 3600.0;
     let mut power = vec![vec![0.0; n]; i.batteries.len()];
-    let mut soc = vec![vec![0.0; n]; i.batteries.len()];
+    let mut ac = power.clone();
+    let mut soc = power.clone();
     for (k, cl) in cls.iter().enumerate() {
         for &b in &cl.members {
             let bat = &i.batteries[b];
@@ -130,11 +134,12 @@ fn share_out(i: &PlanInputs, cls: &[Class], f: &Flows) -> (Vec<Vec<f64>>, Vec<Ve
                 };
                 energy = energy.clamp(0.0, bat.capacity_wh);
                 power[b][t] = p;
+                ac[b][t] = p + (pv_on(i, cl, t) - f.curtail_w[k][t]) * frac;
                 soc[b][t] = energy / bat.capacity_wh * 100.0;
             }
         }
     }
-    (power, soc)
+    (power, ac, soc)
 }
 
 fn violations(i: &PlanInputs, cls: &[Class], f: &Flows) -> Vec<String> {
