@@ -65,7 +65,7 @@ def main(path, milp=False):
                 prob += c[b][t] <= bat["max_charge_w"] * z
                 prob += dis[b][t] <= bat["max_discharge_w"] * (1 - z)
     started = time.perf_counter()
-    status = prob.solve(pulp.PULP_CBC_CMD(msg=0))
+    status = prob.solve(pulp.PULP_CBC_CMD(msg=0, timeLimit=300))
     wall = time.perf_counter() - started
     print(json.dumps({
         "status": pulp.LpStatus[status],
