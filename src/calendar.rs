@@ -193,6 +193,23 @@ mod tests {
         n
     }
 
+    /// Opens at `opens`, closes at `closes`, and is open `minutes` of real time around them.
+    fn assert_open_exactly(
+        w: &Window,
+        tz: Tz,
+        opens: DateTime<Utc>,
+        closes: DateTime<Utc>,
+        minutes: i64,
+    ) {
+        let minute = chrono::Duration::minutes(1);
+        assert!(!w.contains(opens - minute, tz));
+        assert!(w.contains(opens, tz));
+        assert!(w.contains(closes - minute, tz));
+        assert!(!w.contains(closes, tz));
+        let hours = chrono::Duration::hours(3);
+        assert_eq!(open_minutes(w, tz, opens - hours, closes + hours), minutes);
+    }
+
     #[test]
     fn overnight_windows_across_both_dst_changes_follow_the_wall_clock() {
         let tz: Tz = "Europe/Berlin".parse().unwrap();
@@ -200,28 +217,12 @@ mod tests {
         let sat = window(5, "22:00", "06:00");
         let opens = Utc.with_ymd_and_hms(2026, 3, 28, 21, 0, 0).unwrap();
         let closes = Utc.with_ymd_and_hms(2026, 3, 29, 4, 0, 0).unwrap();
-        assert!(!sat.contains(opens - chrono::Duration::minutes(1), tz));
-        assert!(sat.contains(opens, tz));
-        assert!(sat.contains(closes - chrono::Duration::minutes(1), tz));
-        assert!(!sat.contains(closes, tz));
-        let around = (
-            opens - chrono::Duration::hours(3),
-            closes + chrono::Duration::hours(3),
-        );
-        assert_eq!(open_minutes(&sat, tz, around.0, around.1), 7 * 60);
+        assert_open_exactly(&sat, tz, opens, closes, 7 * 60);
 
         // Saturday 2026-10-24 22:00 CEST to Sunday 06:00 CET: 02:00–03:00 happens twice.
         let opens = Utc.with_ymd_and_hms(2026, 10, 24, 20, 0, 0).unwrap();
         let closes = Utc.with_ymd_and_hms(2026, 10, 25, 5, 0, 0).unwrap();
-        assert!(!sat.contains(opens - chrono::Duration::minutes(1), tz));
-        assert!(sat.contains(opens, tz));
-        assert!(sat.contains(closes - chrono::Duration::minutes(1), tz));
-        assert!(!sat.contains(closes, tz));
-        let around = (
-            opens - chrono::Duration::hours(3),
-            closes + chrono::Duration::hours(3),
-        );
-        assert_eq!(open_minutes(&sat, tz, around.0, around.1), 9 * 60);
+        assert_open_exactly(&sat, tz, opens, closes, 9 * 60);
 
         // A window inside the repeated hour is open during both passes (two hours of real
         // time); a window inside the skipped hour never opens that night.

@@ -315,18 +315,32 @@ fn negative_price_day_one_battery_matches_dynamic_programming() {
         6000.0,
         1.0,
     );
-    let p = solve(&i).unwrap();
-    println!(
-        "{} LP solves in {:.0} ms, gap proven {:.4} %",
-        p.lp_solves, p.solve_ms, p.optimality_gap_pct
-    );
-    assert_executable(&i, &p);
+    let p = solved(&i);
     assert!(
         p.lp_solves > 1,
         "the LP alone was executable: not the case under test"
     );
     within_a_tenth_of_a_percent("one battery vs DP", p.cost, dp_optimum(&i));
     within_a_tenth_of_a_percent("one battery vs MILP", p.objective, milp_optimum(&i).0);
+}
+
+/// The plan for `i`, checked executable, with its search figures printed.
+fn solved(i: &PlanInputs) -> Plan {
+    let p = solve(i).unwrap();
+    println!(
+        "{} LP solves in {:.0} ms, gap proven {:.4} %",
+        p.lp_solves, p.solve_ms, p.optimality_gap_pct
+    );
+    assert_executable(i, &p);
+    p
+}
+
+/// The mixed fleet of three on a negative-price day, with export and import limits.
+fn mixed_day() -> PlanInputs {
+    let mut i = negative_midday(day(96, mixed_three()), 14_000.0, 1.5);
+    i.export_limit_w = 5000.0;
+    i.import_limit_w = Some(15_000.0);
+    i
 }
 
 fn mixed_three() -> Vec<Battery> {
@@ -366,15 +380,8 @@ fn mixed_three() -> Vec<Battery> {
 #[test]
 #[ignore = "the planner's branch and bound does not yet reach 0.1 % on a mixed fleet"]
 fn negative_price_day_mixed_fleet_matches_a_milp() {
-    let mut i = negative_midday(day(96, mixed_three()), 14_000.0, 1.5);
-    i.export_limit_w = 5000.0;
-    i.import_limit_w = Some(15_000.0);
-    let p = solve(&i).unwrap();
-    println!(
-        "{} LP solves in {:.0} ms, gap proven {:.4} %",
-        p.lp_solves, p.solve_ms, p.optimality_gap_pct
-    );
-    assert_executable(&i, &p);
+    let i = mixed_day();
+    let p = solved(&i);
     assert!(
         p.lp_solves > 1,
         "the LP alone was executable: not the case under test"
@@ -388,9 +395,7 @@ fn negative_price_day_mixed_fleet_matches_a_milp() {
 #[test]
 #[ignore = "the planner's branch and bound does not yet reach 0.1 % on a mixed fleet"]
 fn export_above_import_prices_mixed_fleet_matches_a_milp() {
-    let mut i = negative_midday(day(96, mixed_three()), 14_000.0, 1.5);
-    i.export_limit_w = 5000.0;
-    i.import_limit_w = Some(15_000.0);
+    let mut i = mixed_day();
     for t in 0..i.steps() {
         let h = hour(&i, t);
         if (17.0..21.0).contains(&h) {
@@ -401,12 +406,7 @@ fn export_above_import_prices_mixed_fleet_matches_a_milp() {
             i.export_price[t] = 0.10;
         }
     }
-    let p = solve(&i).unwrap();
-    println!(
-        "{} LP solves in {:.0} ms, gap proven {:.4} %",
-        p.lp_solves, p.solve_ms, p.optimality_gap_pct
-    );
-    assert_executable(&i, &p);
+    let p = solved(&i);
     let (objective, cost) = milp_optimum(&i);
     within_a_tenth_of_a_percent("export > import vs MILP", p.objective, objective);
     println!("costs: plan {:.4}, MILP {cost:.4}", p.cost);
@@ -426,12 +426,7 @@ fn hybrids_stay_within_their_ac_rating() {
         };
     }
     i.export_limit_w = 20_000.0;
-    let p = solve(&i).unwrap();
-    println!(
-        "{} LP solves in {:.0} ms, gap proven {:.4} %",
-        p.lp_solves, p.solve_ms, p.optimality_gap_pct
-    );
-    assert_executable(&i, &p);
+    let p = solved(&i);
     let at_rating = p
         .steps
         .iter()

@@ -252,6 +252,8 @@ pub fn solve_fixed(
     let v = add_vars(&mut vars, i, classes, fix);
     let objective = lp_objective(i, classes, &v);
     let mut problem = solver(vars, objective, time_limit_s);
+    let max_c: f64 = classes.iter().map(|c| c.max_c_w).sum();
+    let max_d: f64 = classes.iter().map(|c| c.max_d_w).sum();
     for t in 0..n {
         // Import less export is the net load: load, less PV not curtailed, plus charging.
         let mut rhs = Expression::with_capacity(3 + 3 * classes.len());
@@ -266,8 +268,6 @@ pub fn solve_fixed(
         }
         problem = problem.with((v.imp[t] - v.exp[t]).eq(rhs));
         if fix.hull && fix.grid[t].is_none() {
-            let max_c: f64 = classes.iter().map(|c| c.max_c_w).sum();
-            let max_d: f64 = classes.iter().map(|c| c.max_d_w).sum();
             let most_in = (i.load_w[t] + max_c).min(i.import_cap_w(t).unwrap_or(f64::INFINITY));
             let most_out = (i.pv_w[t] + max_d - i.load_w[t]).min(i.export_cap_w(t));
             if most_in > 0.0 && most_out > 0.0 {
