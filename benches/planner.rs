@@ -7,7 +7,8 @@
 //! registry on first run.
 //!
 //! `cargo bench --bench planner` prints both objectives and both times and writes
-//! `target/bench/planner.json` (or `BENCH_OUT`).
+//! `target/bench/planner.json` (or `BENCH_OUT`). `BENCH_ONLY=mixed` runs only the cases
+//! whose name contains `mixed`; `BENCH_NO_PULP=1` leaves PuLP out.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -172,8 +173,12 @@ fn pulp_python(dir: &Path) -> Option<PathBuf> {
 fn main() {
     let out_dir = PathBuf::from("target/bench");
     let _ = std::fs::create_dir_all(&out_dir);
-    let python = pulp_python(&out_dir);
-    if python.is_none() {
+    // `BENCH_NO_PULP=1`: the EMS's figures only (PuLP's MILP on a week takes minutes).
+    let python = std::env::var_os("BENCH_NO_PULP")
+        .is_none()
+        .then(|| pulp_python(&out_dir))
+        .flatten();
+    if python.is_none() && std::env::var_os("BENCH_NO_PULP").is_none() {
         eprintln!("PuLP unavailable (python3 -m venv / pip install pulp failed): EMS figures only");
     }
     let mut results = Vec::new();
@@ -189,7 +194,9 @@ fn main() {
         ("10 mixed x 672", mixed(10, 672)),
         ("3 mixed x 96, negative prices", negative_day()),
     ];
-    for (name, i) in cases {
+    // `BENCH_ONLY=mixed` runs the cases whose name contains it.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    for (name, i) in cases.into_iter().filter(|(n, _)| n.contains(&only)) {
         let runs = if i.steps() > 96 || i.batteries.len() < 10 && i.cycling_cost_per_kwh == 0.0 {
             3
         } else {

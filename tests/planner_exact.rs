@@ -375,10 +375,7 @@ fn mixed_three() -> Vec<Battery> {
     ]
 }
 
-/// Not yet met: the branch and bound stops at its 400 LP solves with the plan 0.4 % above
-/// the optimum (issue 12 stays open); run with `--ignored`.
 #[test]
-#[ignore = "the planner's branch and bound does not yet reach 0.1 % on a mixed fleet"]
 fn negative_price_day_mixed_fleet_matches_a_milp() {
     let i = mixed_day();
     let p = solved(&i);
@@ -390,10 +387,7 @@ fn negative_price_day_mixed_fleet_matches_a_milp() {
 }
 
 /// Export pays more than import in the evening: the relaxation would import to export.
-///
-/// Not yet met: 1.5 % above the optimum after 400 LP solves (issue 12 stays open).
 #[test]
-#[ignore = "the planner's branch and bound does not yet reach 0.1 % on a mixed fleet"]
 fn export_above_import_prices_mixed_fleet_matches_a_milp() {
     let mut i = mixed_day();
     for t in 0..i.steps() {

@@ -11,7 +11,16 @@
 //! Every LP bounds the best executable plan below it; a repair (below) turns each LP into an
 //! executable plan, bounding it above. The search stops when the best executable plan is
 //! within `GAP` of the lowest open bound, so the published plan is within that of the
-//! physical optimum. On a day with ordinary prices the first LP has no conflicts and is the
+//! physical optimum.
+//!
+//! Good executable plans early make the search short, so three heuristics feed it: every LP
+//! is repaired into a plan; from the root, two dives fix all conflicts at once and solve
+//! again — one the way each step leans, one by error diffusion along each battery and the
+//! grid (a run of half-import, half-export steps becomes import, export, import, ...: on a
+//! day where export pays more than import that alone lands within 0.01 % of the optimum);
+//! and the search plunges, following the child its flows lean to before it returns to the
+//! lowest bound. It branches on the grid's direction first: one choice per step that settles
+//! most of the fleet's. On a day with ordinary prices the first LP has no conflicts and is the
 //! plan: no branching, no integer variables.
 
 use std::cmp::Ordering;
@@ -19,7 +28,9 @@ use std::collections::BinaryHeap;
 use std::time::Instant;
 
 use super::classes::Class;
-use super::lp::{objective, pv_elsewhere, pv_on, rating_binds, solve_fixed, Fixings, Flows, Way};
+use super::lp::{
+    grid_reach, objective, pv_elsewhere, pv_on, rating_binds, solve_fixed, Fixings, Flows, Way,
+};
 use super::{PlanError, PlanInputs};
 
 /// Below this, a simultaneous flow is solver noise, not a conflict (W).
@@ -68,7 +79,13 @@ fn conflicts(f: &Flows) -> Vec<(f64, Conflict, Way)> {
             out.push((both, Conflict::Grid { step: t }, way));
         }
     }
-    out.sort_by(|a, b| b.0.total_cmp(&a.0));
+    // The grid's direction first: one choice per step that settles most of the fleet's.
+    let is_battery = |c: &Conflict| matches!(c, Conflict::Battery { .. });
+    out.sort_by(|a, b| {
+        is_battery(&a.1)
+            .cmp(&is_battery(&b.1))
+            .then(b.0.total_cmp(&a.0))
+    });
     out
 }
 
@@ -224,9 +241,11 @@ impl Search<'_> {
         self.beats_best(bound).then_some(Node { bound, fix, flows })
     }
 
-    /// Fix every conflict the way its flows lean and solve again, a few times: a quick
-    /// executable plan to prune against.
-    fn dive(&mut self, from: &Node) -> Result<(), PlanError> {
+    /// Fix every conflict and solve again, a few times: a quick executable plan to prune
+    /// against. Along each battery and the grid, conflicting steps take turns in and out in
+    /// proportion to how far each went either way (error diffusion over time), so a run of
+    /// half-charging, half-discharging steps becomes charge, discharge, charge, ...
+    fn dive(&mut self, from: &Node, rounding: Rounding) -> Result<(), PlanError> {
         let mut fix = from.fix.clone();
         let mut flows = from.flows.clone();
         for _ in 0..4 {
@@ -234,9 +253,12 @@ impl Search<'_> {
             if found.is_empty() {
                 break;
             }
-            for (_, c, way) in found {
-                fix = fixed(&fix, c, way);
-            }
+            fix = match rounding {
+                Rounding::Diffused => diffused(self.i, self.classes, &fix, &flows),
+                Rounding::Lean => found
+                    .into_iter()
+                    .fold(fix, |fix, (_, c, way)| fixed(&fix, c, way)),
+            };
             match self.solve(&fix)? {
                 Some(f) => flows = f,
                 None => return Ok(()),
@@ -248,6 +270,47 @@ impl Search<'_> {
         }
         Ok(())
     }
+}
+
+/// How a dive fixes the conflicts it meets.
+#[derive(Debug, Clone, Copy)]
+enum Rounding {
+    /// The way each step's flows lean.
+    Lean,
+    /// Turns in and out along each battery and the grid.
+    Diffused,
+}
+
+/// Every conflict in `f` fixed by error diffusion along its battery or the grid.
+fn diffused(i: &PlanInputs, classes: &[Class], fix: &Fixings, f: &Flows) -> Fixings {
+    let mut out = fix.clone();
+    let turn = |acc: &mut f64, inward: f64, outward: f64| {
+        *acc += inward / (inward + outward);
+        if *acc >= 0.5 {
+            *acc -= 1.0;
+            Way::In
+        } else {
+            Way::Out
+        }
+    };
+    for (k, cl) in classes.iter().enumerate() {
+        let mut acc = 0.0;
+        for t in 0..i.steps() {
+            let (c, d) = (f.charge_w[k][t], f.discharge_w[k][t]);
+            if c.min(d) >= CONFLICT_W {
+                out.battery[k][t] = Some(turn(&mut acc, c / cl.max_c_w, d / cl.max_d_w));
+            }
+        }
+    }
+    let mut acc = 0.0;
+    for t in 0..i.steps() {
+        let (imp, exp) = (f.import_w[t], f.export_w[t]);
+        if imp.min(exp) >= CONFLICT_W {
+            let (most_in, most_out) = grid_reach(i, classes, t);
+            out.grid[t] = Some(turn(&mut acc, imp / most_in, exp / most_out));
+        }
+    }
+    out
 }
 
 /// The best executable plan within `GAP` of the optimum, or the best found when the search
@@ -278,12 +341,16 @@ pub fn search(i: &PlanInputs, classes: &[Class]) -> Result<Outcome, PlanError> {
             .solve(&hull)?
             .ok_or_else(|| PlanError::Solver("no plan meets the grid limits".into()))?;
         if let Some(node) = s.visit(hull, root) {
-            s.dive(&node)?;
+            s.dive(&node, Rounding::Diffused)?;
+            s.dive(&node, Rounding::Lean)?;
             open.push(node);
         }
     }
     let mut out_of_time = false;
-    while let Some(node) = open.pop() {
+    // Plunge: follow the child the flows lean to while it stays open (a quick way down to
+    // executable plans that prune the rest); otherwise take the lowest bound.
+    let mut plunge: Option<Node> = None;
+    while let Some(node) = plunge.take().or_else(|| open.pop()) {
         if out_of_time || !s.beats_best(node.bound) || s.lp_solves >= MAX_SOLVES {
             open.push(node);
             break;
@@ -305,13 +372,19 @@ pub fn search(i: &PlanInputs, classes: &[Class]) -> Result<Outcome, PlanError> {
                 Err(e) => return Err(e),
             };
             if let Some(child) = s.visit(fix, flows) {
-                open.push(child);
+                if w == way && plunge.is_none() {
+                    plunge = Some(child);
+                } else {
+                    open.push(child);
+                }
             }
         }
         if out_of_time {
             open.push(node);
+            open.extend(plunge.take());
         }
     }
+    open.extend(plunge.take());
     let lp_solves = s.lp_solves;
     let lowest_open = open.peek().map(|n| n.bound);
     let (objective, flows) = s

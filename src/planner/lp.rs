@@ -96,6 +96,16 @@ pub fn pv_elsewhere(i: &PlanInputs, classes: &[Class], t: usize) -> f64 {
     i.pv_w[t] * (1.0 - on).max(0.0)
 }
 
+/// The most the site can import and export in step `t` (W): load plus every battery
+/// charging, or PV plus every battery discharging less the load, within the grid limits.
+pub fn grid_reach(i: &PlanInputs, classes: &[Class], t: usize) -> (f64, f64) {
+    let max_c: f64 = classes.iter().map(|c| c.max_c_w).sum();
+    let max_d: f64 = classes.iter().map(|c| c.max_d_w).sum();
+    let most_in = (i.load_w[t] + max_c).min(i.import_cap_w(t).unwrap_or(f64::INFINITY));
+    let most_out = (i.pv_w[t] + max_d - i.load_w[t]).min(i.export_cap_w(t));
+    (most_in, most_out)
+}
+
 /// Whether a class's AC rating can bind in step `t`: PV and full discharge above it.
 pub fn rating_binds(i: &PlanInputs, c: &Class, t: usize) -> bool {
     c.rated_w.is_finite() && pv_on(i, c, t) + c.max_d_w > c.rated_w
@@ -248,12 +258,11 @@ pub fn solve_fixed(
 ) -> Result<Option<Flows>, PlanError> {
     let n = i.steps();
     let dt_h = i.step_s / 3600.0;
+    let t0 = std::time::Instant::now();
     let mut vars = variables!();
     let v = add_vars(&mut vars, i, classes, fix);
     let objective = lp_objective(i, classes, &v);
     let mut problem = solver(vars, objective, time_limit_s);
-    let max_c: f64 = classes.iter().map(|c| c.max_c_w).sum();
-    let max_d: f64 = classes.iter().map(|c| c.max_d_w).sum();
     for t in 0..n {
         // Import less export is the net load: load, less PV not curtailed, plus charging.
         let mut rhs = Expression::with_capacity(3 + 3 * classes.len());
@@ -268,8 +277,7 @@ pub fn solve_fixed(
         }
         problem = problem.with((v.imp[t] - v.exp[t]).eq(rhs));
         if fix.hull && fix.grid[t].is_none() {
-            let most_in = (i.load_w[t] + max_c).min(i.import_cap_w(t).unwrap_or(f64::INFINITY));
-            let most_out = (i.pv_w[t] + max_d - i.load_w[t]).min(i.export_cap_w(t));
+            let (most_in, most_out) = grid_reach(i, classes, t);
             if most_in > 0.0 && most_out > 0.0 {
                 problem =
                     problem.with(((K / most_in) * v.imp[t] + (K / most_out) * v.exp[t]).leq(1.0));
@@ -310,7 +318,10 @@ pub fn solve_fixed(
             }
         }
     }
-    let solution = match problem.solve() {
+    let t1 = t0.elapsed();
+    let r = problem.solve();
+    eprintln!("PROF build {:?} solve {:?}", t1, t0.elapsed() - t1);
+    let solution = match r {
         Ok(s) => s,
         Err(ResolutionError::Infeasible) => return Ok(None),
         // good_lp's wording for Clarabel's MaxTime status.
