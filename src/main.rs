@@ -153,14 +153,19 @@ fn systemd_unit(file: &Path) -> ExitCode {
 fn check(files: &[PathBuf]) -> ExitCode {
     let mut ok = true;
     for file in files {
-        match SiteConfig::load(file) {
-            Ok(c) => println!(
-                "{}: ok ({} inverters, {} meters, export limit {})",
-                file.display(),
-                c.inverters.len(),
-                c.meters.len(),
-                c.export_limit.mode.as_str()
-            ),
+        match SiteConfig::load_with_warnings(file) {
+            Ok((c, warnings)) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                println!(
+                    "{}: ok ({} inverters, {} meters, export limit {})",
+                    file.display(),
+                    c.inverters.len(),
+                    c.meters.len(),
+                    c.export_limit.mode.as_str()
+                )
+            }
             Err(e) => {
                 eprintln!("{e}");
                 ok = false;

@@ -382,7 +382,7 @@ fn nan_infinity_and_out_of_range_numbers_are_refused_where_they_stand() {
         cases.push((
             format!("dr.mqtt.{field}"),
             Box::new(appended(format!(
-                "dr:\n  mqtt:\n    host: localhost\n    topic_prefix: site\n    {field}: {{v}}{close}\n"
+                "dr:\n  mqtt:\n    host: localhost\n    topic_prefix: site\n    insecure: true\n    {field}: {{v}}{close}\n"
             ))),
             oor,
         ));
@@ -569,4 +569,51 @@ fn a_bad_time_of_day_is_located_and_explained() {
         e.message
     );
     assert!(e.hint.contains("HH:MM"), "{}", e.hint);
+}
+
+#[test]
+fn mqtt_without_tls_and_a_login_is_refused_unless_marked_insecure() {
+    let mqtt = "dr:\n  mqtt:\n    host: broker.example\n    topic_prefix: fleet/site-1\n";
+    let text = format!("{BASE}{}{mqtt}", inverter("a", "lan1", 1, "saj-h2"));
+    let e = &errors(&text)[0];
+    assert_eq!(e.line, line_of(&text, "host: broker.example"));
+    assert!(
+        e.message
+            .contains("ca_file, username, password_env missing"),
+        "{}",
+        e.message
+    );
+    assert!(e.hint.contains("insecure: true"), "{}", e.hint);
+
+    // Through `ems check`: refused with file:line:col; allowed with `insecure: true`, warned.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("site.yaml");
+    std::fs::write(&file, &text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ems"))
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("site.yaml:{}:", e.line)),
+        "{stderr}"
+    );
+    std::fs::write(&file, format!("{text}    insecure: true\n")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ems"))
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning:") && stderr.contains("insecure"),
+        "{stderr}"
+    );
 }

@@ -138,6 +138,8 @@ fn dr_site() -> SiteConfig {
         openadr_levels: Default::default(),
         contacts: None,
         mqtt: None,
+        max_events: 200,
+        max_events_per_min: 60,
     });
     c
 }
@@ -408,6 +410,8 @@ fn with_contacts() -> SiteConfig {
             ripple_inputs: Some([10, 11, 12, 13]),
         }),
         mqtt: None,
+        max_events: 200,
+        max_events_per_min: 60,
     });
     c
 }

@@ -80,6 +80,8 @@ fn dr_site() -> SiteConfig {
         openadr_levels: Default::default(),
         contacts: None,
         mqtt: None,
+        max_events: 200,
+        max_events_per_min: 60,
     });
     c
 }

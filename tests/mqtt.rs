@@ -4,84 +4,15 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use common::broker::Mosquitto;
 use common::{fast_site, Harness};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{json, Value};
 use site_ems::config::{DrConfig, MqttConfig, SiteConfig};
 use tokio::sync::mpsc;
-
-struct Mosquitto {
-    child: Child,
-    config: std::path::PathBuf,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    fn start() -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &config,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
-        )
-        .unwrap();
-        let child = Self::spawn(&config);
-        let m = Mosquitto {
-            child,
-            config,
-            port,
-            _dir: dir,
-        };
-        m.wait_listening();
-        m
-    }
-
-    fn spawn(config: &std::path::Path) -> Child {
-        Command::new("mosquitto")
-            .arg("-c")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed (.ci/run installs it: apt-get install mosquitto)")
-    }
-
-    fn wait_listening(&self) {
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("mosquitto did not listen on {}", self.port);
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn restart(&mut self) {
-        self.child = Self::spawn(&self.config);
-        self.wait_listening();
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn site(port: u16) -> SiteConfig {
     let mut c = fast_site("sites/demo.yaml");
@@ -96,8 +27,12 @@ fn site(port: u16) -> SiteConfig {
         mqtt: Some(MqttConfig {
             host: "127.0.0.1".into(),
             port,
-            client_id: "ems-under-test".into(),
+            client_id: None,
             topic_prefix: "ems/test".into(),
+            site_id: None,
+            groups: Vec::new(),
+            groups_prefix: "site-ems/groups".into(),
+            insecure: true,
             username: None,
             password_env: None,
             ca_file: None,
@@ -108,6 +43,8 @@ fn site(port: u16) -> SiteConfig {
                 import_limit_w: None,
             },
         }),
+        max_events: 200,
+        max_events_per_min: 60,
     });
     c
 }

@@ -138,21 +138,50 @@ pub struct DrConfig {
     /// The aggregator's MQTT broker.
     #[serde(default)]
     pub mqtt: Option<MqttConfig>,
+    /// Most aggregator events in the book at once (not over yet); more are refused.
+    #[serde(default = "default_max_events")]
+    pub max_events: usize,
+    /// Most aggregator events accepted per minute; more are refused (HTTP 429, MQTT
+    /// `rejected`) until the minute has passed.
+    #[serde(default = "default_max_events_per_min")]
+    pub max_events_per_min: u32,
+}
+
+fn default_max_events() -> usize {
+    200
+}
+fn default_max_events_per_min() -> u32 {
+    60
 }
 
 /// MQTT to the aggregator. Topics, under `topic_prefix`: `dr/events` (events in, as JSON like
 /// the HTTP API's, or `{"cancel": "<id>"}`), `dr/ack` (acknowledgements out), `telemetry`
 /// (grid power, fleet SOC and the limits in force, out every `telemetry_s`), and `status`
-/// (`online`, or `offline` as the broker's last will).
+/// (`online`, or `offline` as the broker's last will). Events also come in on
+/// `<groups_prefix>/<group>/dr/events` for each of the site's `groups`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     pub host: String,
     #[serde(default = "default_mqtt_port")]
     pub port: u16,
-    #[serde(default = "default_client_id")]
-    pub client_id: String,
+    /// Unique on the broker; by default `site-ems-<site_id>-<random>`, new at each start,
+    /// so two sites never take each other's connection.
+    #[serde(default)]
+    pub client_id: Option<String>,
     pub topic_prefix: String,
+    /// The site's name in acks and telemetry; by default the last part of `topic_prefix`.
+    #[serde(default)]
+    pub site_id: Option<String>,
+    /// Groups this site belongs to: one publish on a group's events topic reaches them all.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default = "default_groups_prefix")]
+    pub groups_prefix: String,
+    /// Plain MQTT without TLS or credentials: anyone who can reach the broker can command
+    /// the site. Only for a closed test network; `ems check` warns.
+    #[serde(default)]
+    pub insecure: bool,
     #[serde(default)]
     pub username: Option<String>,
     /// Environment variable holding the password.
@@ -173,8 +202,18 @@ pub struct MqttConfig {
 fn default_mqtt_port() -> u16 {
     1883
 }
-fn default_client_id() -> String {
-    "site-ems".into()
+fn default_groups_prefix() -> String {
+    "site-ems/groups".into()
+}
+
+impl MqttConfig {
+    /// The site's id in acks and telemetry.
+    pub fn site_id(&self) -> String {
+        self.site_id.clone().unwrap_or_else(|| {
+            let prefix = self.topic_prefix.trim_end_matches('/');
+            prefix.rsplit('/').next().unwrap_or(prefix).to_string()
+        })
+    }
 }
 fn default_heartbeat_s() -> f64 {
     60.0
@@ -927,6 +966,15 @@ impl std::error::Error for ConfigErrors {}
 impl SiteConfig {
     /// Read, parse and validate a site file.
     pub fn load(path: &Path) -> Result<SiteConfig, ConfigErrors> {
+        let (config, warnings) = SiteConfig::load_with_warnings(path)?;
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        Ok(config)
+    }
+
+    /// Read, parse and validate a site file; also what is allowed but unwise, located.
+    pub fn load_with_warnings(path: &Path) -> Result<(SiteConfig, Vec<ConfigError>), ConfigErrors> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
@@ -937,7 +985,9 @@ impl SiteConfig {
                 hint: "check the path and the file's permissions".into(),
             }])
         })?;
-        SiteConfig::from_str(&file, &text)
+        let config = SiteConfig::from_str(&file, &text)?;
+        let warnings = validate::warnings(&config, &Locator::new(&text), &file);
+        Ok((config, warnings))
     }
 
     /// Parse and validate site-file text; `file` names it in errors.

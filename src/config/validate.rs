@@ -152,6 +152,67 @@ fn level_limits(r: &mut Report, at: Vec<PathSeg>, l: &crate::dr::LevelLimits) {
     }
 }
 
+/// Whoever can publish on the events topic commands the site: the broker must know who it
+/// is (credentials) and nobody may listen in or inject on the way (TLS).
+fn mqtt_authority(r: &mut Report, m: &super::MqttConfig) {
+    if !m.insecure {
+        let missing: Vec<&str> = [
+            ("ca_file", m.ca_file.is_none()),
+            ("username", m.username.is_none()),
+            ("password_env", m.password_env.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(name, absent)| absent.then_some(name))
+        .collect();
+        if !missing.is_empty() {
+            r.err(
+                path!["dr", "mqtt"],
+                format!(
+                    "MQTT without TLS and credentials lets anyone on the broker command the site ({} missing)",
+                    missing.join(", ")
+                ),
+                "give ca_file, username and password_env, or `insecure: true` on a closed test network",
+            );
+        }
+    }
+    let topic_safe = |s: &str| !s.is_empty() && !s.contains(['+', '#', '/']);
+    for (k, g) in m.groups.iter().enumerate() {
+        if !topic_safe(g) {
+            r.err(
+                path!["dr", "mqtt", "groups", k],
+                format!("group `{g}` is not a topic level"),
+                "use letters, digits, `-` or `_`, without `/`, `+` or `#`",
+            );
+        }
+    }
+    if m.site_id.as_deref().is_some_and(|s| !topic_safe(s)) {
+        r.err(
+            path!["dr", "mqtt", "site_id"],
+            "site_id is not a topic level",
+            "use letters, digits, `-` or `_`, without `/`, `+` or `#`",
+        );
+    }
+}
+
+/// What `ems check` should point out without refusing the file.
+pub fn warnings(c: &SiteConfig, locator: &Locator, file: &str) -> Vec<ConfigError> {
+    let mut r = Report {
+        file,
+        locator,
+        errors: Vec::new(),
+    };
+    if let Some(m) = c.dr.as_ref().and_then(|d| d.mqtt.as_ref()) {
+        if m.insecure {
+            r.err(
+                path!["dr", "mqtt", "insecure"],
+                "MQTT is insecure: anyone who can reach the broker can put this site in DRM0 or lift its limits",
+                "use TLS (ca_file) and credentials (username, password_env) outside a closed test network",
+            );
+        }
+    }
+    r.errors
+}
+
 fn dr(c: &SiteConfig, r: &mut Report) {
     let Some(d) = &c.dr else {
         return;
@@ -179,6 +240,24 @@ fn dr(c: &SiteConfig, r: &mut Report) {
             "give the seconds between telemetry messages, e.g. 10",
         );
         level_limits(r, path!["dr", "mqtt", "fallback"], &m.fallback);
+        mqtt_authority(r, m);
+    }
+    if d.max_events == 0 || d.max_events > 100_000 {
+        r.err(
+            path!["dr", "max_events"],
+            format!("max_events {} is outside 1–100000", d.max_events),
+            "allow a few hundred events in the book, e.g. 200",
+        );
+    }
+    if d.max_events_per_min == 0 || d.max_events_per_min > 100_000 {
+        r.err(
+            path!["dr", "max_events_per_min"],
+            format!(
+                "max_events_per_min {} is outside 1–100000",
+                d.max_events_per_min
+            ),
+            "allow about one event a second, e.g. 60",
+        );
     }
     let Some(k) = d.contacts.as_ref() else {
         return;

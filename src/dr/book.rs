@@ -91,6 +91,31 @@ pub enum BookError {
     NotFound(String),
     #[error("the store failed: {0}")]
     Store(String),
+    /// Over the number of events the book may hold, or the rate it accepts them at.
+    #[error("{0}")]
+    TooMany(String),
+    /// Not this source's to change.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// Sources that stand for the grid operator: what they put in force only they can clear.
+pub const GRID_OPERATOR_SOURCES: [&str; 2] = ["dred", "ripple"];
+
+/// How many aggregator events the book takes: in it at once, and accepted per minute.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Intake {
+    pub max_events: usize,
+    pub max_per_min: u32,
+}
+
+impl Default for Intake {
+    fn default() -> Intake {
+        Intake {
+            max_events: 200,
+            max_per_min: 60,
+        }
+    }
 }
 
 /// The book in memory.
@@ -276,8 +301,10 @@ impl DrBook {
 pub struct SharedBook {
     book: Arc<Mutex<DrBook>>,
     /// One aggregator change at a time: the duplicate check and the insert see the same book.
-    changes: Arc<tokio::sync::Mutex<()>>,
+    /// One aggregator change at a time, and when recent events were accepted (for the rate).
+    changes: Arc<tokio::sync::Mutex<std::collections::VecDeque<tokio::time::Instant>>>,
     writer: Option<Writer>,
+    intake: Intake,
 }
 
 impl SharedBook {
@@ -289,9 +316,43 @@ impl SharedBook {
     pub fn new(book: DrBook, writer: Option<Writer>) -> SharedBook {
         SharedBook {
             book: Arc::new(Mutex::new(book)),
-            changes: Arc::new(tokio::sync::Mutex::new(())),
+            changes: Arc::new(tokio::sync::Mutex::new(Default::default())),
             writer,
+            intake: Intake::default(),
         }
+    }
+
+    /// The same book, taking aggregator events within `intake`.
+    pub fn with_intake(mut self, intake: Intake) -> SharedBook {
+        self.intake = intake;
+        self
+    }
+
+    /// Whether one more aggregator event fits, now.
+    fn room(
+        &self,
+        accepted: &mut std::collections::VecDeque<tokio::time::Instant>,
+    ) -> Result<(), BookError> {
+        let now = tokio::time::Instant::now();
+        while accepted
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            accepted.pop_front();
+        }
+        let held = self.lock().len();
+        if held >= self.intake.max_events {
+            return Err(BookError::TooMany(format!(
+                "the book holds {held} events, its limit (dr.max_events); cancel some or wait for them to end"
+            )));
+        }
+        if accepted.len() >= self.intake.max_per_min as usize {
+            return Err(BookError::TooMany(format!(
+                "more than {} events in a minute (dr.max_events_per_min); try again later",
+                self.intake.max_per_min
+            )));
+        }
+        Ok(())
     }
 
     /// The book in memory, for a quick look or a change that needs no disk. Never held
@@ -303,7 +364,10 @@ impl SharedBook {
 
     /// Accept an aggregator's event: checked, written to the store, then in force.
     pub async fn submit(&self, event: DrEvent) -> Result<Entry, BookError> {
-        let _one_at_a_time = self.changes.lock().await;
+        let mut accepted = self.changes.lock().await;
+        if let Err(e) = self.room(&mut accepted) {
+            return Err(self.lock().reject(&event, e));
+        }
         self.lock().check(&event)?;
         if let Some(w) = &self.writer {
             let entry = Entry {
@@ -315,17 +379,25 @@ impl SharedBook {
                 return Err(self.lock().reject(&event, e));
             }
         }
+        accepted.push_back(tokio::time::Instant::now());
         Ok(self.lock().insert(event))
     }
 
-    /// Cancel an event: the cancellation is on disk before the event stops being in force.
-    pub async fn cancel(&self, id: &str) -> Result<(), BookError> {
+    /// Cancel an event for an aggregator (`by`: `http`, `mqtt`): the cancellation is on disk
+    /// before the event stops being in force. A grid operator's input is not theirs to clear.
+    pub async fn cancel(&self, id: &str, by: &str) -> Result<(), BookError> {
         let _one_at_a_time = self.changes.lock().await;
         let entry = self
             .lock()
             .get(id)
             .cloned()
             .ok_or_else(|| BookError::NotFound(id.to_string()))?;
+        let source = entry.event.source.as_str();
+        if source != by && GRID_OPERATOR_SOURCES.contains(&source) {
+            return Err(BookError::Forbidden(format!(
+                "`{id}` is the grid operator's ({source}): only its own input clears it"
+            )));
+        }
         if let Some(w) = &self.writer {
             let cancelled = Entry {
                 state: EventState::Cancelled,

@@ -130,6 +130,13 @@ impl Demand {
                     .unwrap_or_else(|e| e.into_inner())
                     .connected()
             }),
+            mqtt_error: self.mqtt.as_ref().and_then(|m| {
+                m.state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .error()
+                    .map(String::from)
+            }),
             fallback: self.link_lost(),
         }
     }

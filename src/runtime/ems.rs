@@ -131,7 +131,15 @@ impl Ems {
             .store
             .as_ref()
             .map(|s| Writer::start(std::path::Path::new(&s.path)));
-        let book = SharedBook::new(load_book(&config), writer.clone());
+        let intake = config
+            .dr
+            .as_ref()
+            .map(|d| crate::dr::book::Intake {
+                max_events: d.max_events,
+                max_per_min: d.max_events_per_min,
+            })
+            .unwrap_or_default();
+        let book = SharedBook::new(load_book(&config), writer.clone()).with_intake(intake);
         let (publish, status_rx) = watch::channel(None);
         let (telemetry, telemetry_rx) = watch::channel(None);
         let mqtt = config.dr.as_ref().and_then(|d| d.mqtt.clone()).map(|m| {

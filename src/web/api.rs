@@ -140,6 +140,8 @@ fn book_error(e: BookError) -> Response {
         BookError::NotFound(_) => StatusCode::NOT_FOUND,
         // Not on disk means not accepted: the client may try again later.
         BookError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        BookError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+        BookError::Forbidden(_) => StatusCode::FORBIDDEN,
     };
     error(code, &e.to_string())
 }
@@ -183,7 +185,7 @@ async fn dr_delete(
     if let Some(r) = refusal(&s, &headers) {
         return r;
     }
-    let result = s.dr.cancel(&id).await;
+    let result = s.dr.cancel(&id, "http").await;
     match result {
         Ok(()) => Json(serde_json::json!({ "cancelled": id })).into_response(),
         Err(e) => book_error(e),

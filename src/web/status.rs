@@ -170,6 +170,9 @@ pub struct DrStatus {
     pub constraints: crate::dr::DrConstraints,
     /// The aggregator's MQTT link, when configured.
     pub mqtt_connected: Option<bool>,
+    /// Why the MQTT link is down (the broker refused the login, say), while it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_error: Option<String>,
     /// The link has been down past its heartbeat: the fallback limits apply.
     pub fallback: bool,
 }

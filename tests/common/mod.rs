@@ -2,6 +2,7 @@
 //! EMS with its HTTP API on a free port, both stopped when the harness is dropped.
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod lossy;
 
 use std::path::Path;

@@ -1,0 +1,436 @@
+//! Aggregators at fleet scale, through a real mosquitto: sites that share a name share a
+//! broker without taking each other's connection, one publish on a group's topic reaches
+//! every member, acks survive a broker outage longer than the client's queue, the link
+//! needs TLS and a login, a grid operator's input cannot be lifted over MQTT, and the
+//! book's intake is bounded.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::broker::{LinkCut, Mosquitto};
+use common::{fast_site, Harness};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{json, Value};
+use site_ems::config::{DrConfig, MqttConfig, SiteConfig};
+use tokio::sync::mpsc;
+
+const TOKEN: &str = "fleet-token";
+
+fn mqtt(port: u16, prefix: &str) -> MqttConfig {
+    MqttConfig {
+        host: "127.0.0.1".into(),
+        port,
+        client_id: None,
+        topic_prefix: prefix.into(),
+        site_id: None,
+        groups: vec!["north".into()],
+        groups_prefix: "fleet/groups".into(),
+        username: None,
+        password_env: None,
+        ca_file: None,
+        insecure: true,
+        heartbeat_s: 60.0,
+        telemetry_s: 1.0,
+        fallback: Default::default(),
+    }
+}
+
+fn site(m: MqttConfig) -> SiteConfig {
+    let mut c = fast_site("sites/demo.yaml");
+    c.export_limit.limit_w = Some(100_000.0);
+    c.simulation.initial_soc_pct = 100.0;
+    c.simulation.load_noise_pct = 0.0;
+    c.dr = Some(DrConfig {
+        token: Some(TOKEN.into()),
+        token_env: None,
+        openadr_levels: Default::default(),
+        contacts: None,
+        mqtt: Some(m),
+        max_events: 200,
+        max_events_per_min: 60,
+    });
+    c
+}
+
+/// An aggregator on the broker: hears every site's acks.
+async fn aggregator(
+    port: u16,
+    id: &str,
+) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Value)>) {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(o, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (subscribed_tx, mut subscribed) = mpsc::unbounded_channel();
+    let sub = client.clone();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = sub.subscribe("fleet/+/dr/ack", QoS::AtLeastOnce).await;
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = subscribed_tx.send(());
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                    if tx.send((p.topic, v)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed.recv())
+        .await
+        .expect("the aggregator subscribed");
+    (client, rx)
+}
+
+fn now_of(s: &Value) -> DateTime<Utc> {
+    s["time"].as_str().unwrap().parse().unwrap()
+}
+
+fn connected(s: &Value) -> bool {
+    s["dr"]["mqtt_connected"] == true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sites_of_one_name_keep_their_connections_and_both_obey_a_group_event() {
+    let broker = Mosquitto::start();
+    let (a, b) = (
+        Harness::start(site(mqtt(broker.port, "fleet/a"))).await,
+        Harness::start(site(mqtt(broker.port, "fleet/b"))).await,
+    );
+    let (client, mut acks) = aggregator(broker.port, "aggregator").await;
+    for h in [&a, &b] {
+        h.wait_for(
+            Duration::from_secs(10),
+            "connected to the broker",
+            connected,
+        )
+        .await;
+    }
+    // With one client id between them, each connect would throw the other off: 30 s of
+    // polling would see one of them down.
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < until {
+        for (name, h) in [("a", &a), ("b", &b)] {
+            let s = h.status().await.expect("status");
+            assert!(
+                connected(&s),
+                "site {name} lost its connection: {}",
+                s["dr"]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let now = now_of(&a.status().await.unwrap());
+    let event = json!({"id": "north-0", "start": now, "end": now + chrono::Duration::hours(1),
+                       "export_limit_w": 0});
+    client
+        .publish(
+            "fleet/groups/north/dr/events",
+            QoS::AtLeastOnce,
+            false,
+            event.to_string(),
+        )
+        .await
+        .unwrap();
+    for h in [&a, &b] {
+        h.wait_for(Duration::from_secs(10), "the group event binds", |s| {
+            s["dr"]["constraints"]["export_limit_w"] == 0.0
+                && s["grid"]["power_w"].as_f64().is_some_and(|g| g >= -200.0)
+        })
+        .await;
+    }
+    // Each site acknowledges on its own topic, naming itself.
+    let mut seen = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while seen.len() < 2 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Ok(Some((topic, v))) = tokio::time::timeout(left, acks.recv()).await else {
+            panic!("accepted acks from both sites, got {seen:?}");
+        };
+        if v["id"] == "north-0" && v["status"] == "accepted" {
+            seen.insert(v["site"].as_str().unwrap_or("?").to_string(), topic);
+        }
+    }
+    assert_eq!(seen.get("a").map(String::as_str), Some("fleet/a/dr/ack"));
+    assert_eq!(seen.get("b").map(String::as_str), Some("fleet/b/dr/ack"));
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn post(h: &Harness, body: Value) -> u16 {
+    h.client
+        .post(format!("{}/api/v1/dr/events", h.base))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_held_through_a_broker_outage_all_arrive_once_after_it() {
+    let broker = Mosquitto::start();
+    let cut = LinkCut::start(broker.port);
+    let mut c = site(mqtt(cut.port, "fleet/a"));
+    if let Some(d) = c.dr.as_mut() {
+        d.max_events = 1000;
+        d.max_events_per_min = 1000;
+    }
+    let h = Harness::start(c).await;
+    let (_client, mut acks) = aggregator(broker.port, "aggregator").await;
+    h.wait_for(Duration::from_secs(10), "connected", connected)
+        .await;
+
+    // The broker is gone, as the site sees it, while 300 events arrive over HTTP: more
+    // acks than rumqttc's request queue (256) holds.
+    cut.cut();
+    h.wait_for(Duration::from_secs(10), "link down", |s| !connected(s))
+        .await;
+    let cycles_before = h.status().await.unwrap()["cycle"].clone();
+    let now = now_of(&h.status().await.unwrap());
+    let n = 300;
+    for k in 0..n {
+        let start = now + chrono::Duration::hours(1);
+        let event = json!({"id": format!("ev-{k}"), "start": start,
+                           "end": start + chrono::Duration::hours(1), "export_limit_w": 50_000});
+        assert_eq!(post(&h, event).await, 201, "event {k}");
+    }
+    let before = cycles_before.as_u64().unwrap();
+    let s = h
+        .wait_for(
+            Duration::from_secs(5),
+            "the guard loop keeps cycling",
+            |s| s["cycle"].as_u64().is_some_and(|c| c >= before + 5),
+        )
+        .await;
+    assert!(!connected(&s));
+
+    cut.restore();
+    let mut count: HashMap<String, u32> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while count.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Ok(Some((_, v))) = tokio::time::timeout(left, acks.recv()).await else {
+            panic!(
+                "{} of {n} accepted acks arrived after the outage",
+                count.len()
+            );
+        };
+        if v["status"] == "accepted" {
+            *count
+                .entry(v["id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    // Anything sent twice would follow within moments.
+    while let Ok(Some((_, v))) = tokio::time::timeout(Duration::from_secs(2), acks.recv()).await {
+        if v["status"] == "accepted" {
+            *count
+                .entry(v["id"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = count.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "acks sent twice: {twice:?}");
+    h.stop().await;
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a password file, made now in `dir`.
+fn tls_and_passwords(dir: &std::path::Path) -> String {
+    let run = |args: &[&str]| {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", args[0]));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    run(&[
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ]);
+    run(&[
+        "mosquitto_passwd",
+        "-c",
+        "-b",
+        "passwd",
+        "site-a",
+        "right-password",
+    ]);
+    // mosquitto started as root reads its files as the `mosquitto` user.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["ca.crt", "server.crt", "server.key", "passwd"] {
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let p = |f: &str| dir.join(f).display().to_string();
+    format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nallow_anonymous false\npassword_file {}\n",
+        p("ca.crt"),
+        p("server.crt"),
+        p("server.key"),
+        p("passwd")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_a_login_connect_and_a_missing_login_is_refused_and_reported() {
+    let broker = Mosquitto::with_config(tls_and_passwords);
+    let ca = broker.dir_path.join("ca.crt").display().to_string();
+    // The password comes from the environment, as in production; this variable is this
+    // test's alone.
+    std::env::set_var("AGGREGATOR_TEST_MQTT_PASSWORD", "right-password");
+    let mut m = mqtt(broker.port, "fleet/a");
+    m.insecure = false;
+    m.ca_file = Some(ca.clone());
+    m.username = Some("site-a".into());
+    m.password_env = Some("AGGREGATOR_TEST_MQTT_PASSWORD".into());
+    let good = Harness::start(site(m.clone())).await;
+    good.wait_for(
+        Duration::from_secs(15),
+        "connected over TLS with a login",
+        connected,
+    )
+    .await;
+
+    let mut anonymous = m;
+    anonymous.username = None;
+    anonymous.password_env = None;
+    anonymous.topic_prefix = "fleet/b".into();
+    let bad = Harness::start(site(anonymous)).await;
+    let s = bad
+        .wait_for(Duration::from_secs(15), "the refusal reported", |s| {
+            s["dr"]["mqtt_error"].as_str().is_some()
+        })
+        .await;
+    assert!(!connected(&s));
+    let why = s["dr"]["mqtt_error"].as_str().unwrap().to_lowercase();
+    assert!(
+        why.contains("refused") || why.contains("not authorized"),
+        "{why}"
+    );
+    good.stop().await;
+    bad.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_over_the_cap_or_the_rate_are_refused_over_http_and_mqtt() {
+    let broker = Mosquitto::start();
+    let mut c = site(mqtt(broker.port, "fleet/a"));
+    if let Some(d) = c.dr.as_mut() {
+        d.max_events = 5;
+        d.max_events_per_min = 8;
+    }
+    let h = Harness::start(c).await;
+    let (client, mut acks) = aggregator(broker.port, "aggregator").await;
+    h.wait_for(Duration::from_secs(10), "connected", connected)
+        .await;
+    let now = now_of(&h.status().await.unwrap());
+    let event = |id: &str| {
+        let start = now + chrono::Duration::hours(1);
+        json!({"id": id, "start": start, "end": start + chrono::Duration::hours(1),
+               "export_limit_w": 50_000})
+    };
+    for k in 0..5 {
+        assert_eq!(post(&h, event(&format!("cap-{k}"))).await, 201);
+    }
+    assert_eq!(post(&h, event("cap-5")).await, 429, "over the book's cap");
+    client
+        .publish(
+            "fleet/a/dr/events",
+            QoS::AtLeastOnce,
+            false,
+            event("cap-mqtt").to_string(),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Ok(Some((_, v))) = tokio::time::timeout(left, acks.recv()).await else {
+            panic!("no rejection over MQTT");
+        };
+        if v["id"] == "cap-mqtt" {
+            assert_eq!(v["status"], "rejected", "{v}");
+            assert!(v["reason"].as_str().unwrap().contains("max_events"), "{v}");
+            break;
+        }
+    }
+    // Room again in the book, but not in the minute: 5 accepted so far, 3 more fit.
+    for k in 0..5 {
+        let r = h
+            .client
+            .delete(format!("{}/api/v1/dr/events/cap-{k}", h.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    for k in 0..3 {
+        assert_eq!(post(&h, event(&format!("rate-{k}"))).await, 201);
+    }
+    assert_eq!(post(&h, event("rate-3")).await, 429, "over the rate");
+    h.stop().await;
+}
