@@ -434,3 +434,114 @@ async fn events_over_the_cap_or_the_rate_are_refused_over_http_and_mqtt() {
     assert_eq!(post(&h, event("rate-3")).await, 429, "over the rate");
     h.stop().await;
 }
+
+fn with_store(path: &std::path::Path) -> SiteConfig {
+    let mut c = site(mqtt(1, "fleet/a"));
+    // No broker here: the link stays down; only the store matters.
+    if let Some(d) = c.dr.as_mut() {
+        d.mqtt = None;
+    }
+    c.store = Some(site_ems::config::StoreConfig {
+        path: path.display().to_string(),
+    });
+    c
+}
+
+fn in_force(s: &Value, id: &str) -> bool {
+    s["dr"]["constraints"]["active"]
+        .as_array()
+        .is_some_and(|a| a.iter().any(|x| x == id))
+}
+
+/// A store that cannot be opened (its directory is a file: even root cannot make it one),
+/// refuses every event: 503, and nothing in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_store_refuses_events_and_nothing_is_in_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("store");
+    std::fs::write(&not_a_dir, "a file, not a directory").unwrap();
+    let h = Harness::start(with_store(&not_a_dir.join("ems.db"))).await;
+    let s = h
+        .wait_for(Duration::from_secs(10), "cycling", |s| {
+            s["cycle"].as_u64() > Some(2)
+        })
+        .await;
+    let now = now_of(&s);
+    let event = json!({"id": "ro-1", "start": now, "end": now + chrono::Duration::hours(1),
+                       "export_limit_w": 0});
+    assert_eq!(post(&h, event).await, 503);
+    let s = h.status().await.unwrap();
+    assert!(
+        !in_force(&s, "ro-1") && s["dr"]["constraints"]["export_limit_w"].is_null(),
+        "{}",
+        s["dr"]
+    );
+    let list: Value = h
+        .client
+        .get(format!("{}/api/v1/dr/events", h.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list, json!([]));
+    h.stop().await;
+}
+
+/// A cancel the store cannot take (another process holds the file) changes nothing: the
+/// event stays in force, and after a restart too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_the_store_cannot_take_changes_nothing_before_or_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ems.db");
+    let h = Harness::start(with_store(&path)).await;
+    let s = h
+        .wait_for(Duration::from_secs(10), "cycling", |s| {
+            s["cycle"].as_u64() > Some(2)
+        })
+        .await;
+    let now = now_of(&s);
+    let event = json!({"id": "keep-1", "start": now, "end": now + chrono::Duration::hours(1),
+                       "export_limit_w": 0});
+    assert_eq!(post(&h, event).await, 201);
+    h.wait_for(Duration::from_secs(5), "in force", |s| {
+        in_force(s, "keep-1")
+    })
+    .await;
+
+    let (locked_tx, locked_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder_path = path.clone();
+    let holder = tokio::task::spawn_blocking(move || {
+        let conn = rusqlite::Connection::open(&holder_path).unwrap();
+        conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let _ = locked_tx.send(());
+        let _ = release_rx.recv_timeout(Duration::from_secs(30));
+        conn.execute_batch("ROLLBACK").unwrap();
+    });
+    locked_rx.await.unwrap();
+    let r = h
+        .client
+        .delete(format!("{}/api/v1/dr/events/keep-1", h.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503, "{}", r.text().await.unwrap());
+    assert!(
+        in_force(&h.status().await.unwrap(), "keep-1"),
+        "still in force"
+    );
+    h.stop().await;
+    let _ = release_tx.send(());
+    holder.await.unwrap();
+
+    let h = Harness::start(with_store(&path)).await;
+    h.wait_for(Duration::from_secs(10), "in force after the restart", |s| {
+        in_force(s, "keep-1")
+    })
+    .await;
+    h.stop().await;
+}

@@ -498,3 +498,110 @@ async fn ripple_pulse_30_pct_is_latched_after_it_ends() {
     let released = holds_after(&mut l, 10.0, |l| l.export_w() > 40_000.0).await;
     assert!(released.is_some(), "100 % step releases the cap");
 }
+
+/// A latched ripple-control step is the grid operator's: an aggregator's cancel over MQTT
+/// is refused with a reason, and the cap stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_cancel_cannot_lift_a_ripple_control_step() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let broker = common::broker::Mosquitto::start();
+    let mut c = with_contacts();
+    if let Some(d) = c.dr.as_mut() {
+        d.mqtt = Some(site_ems::config::MqttConfig {
+            host: "127.0.0.1".into(),
+            port: broker.port,
+            client_id: None,
+            topic_prefix: "fleet/site-1".into(),
+            site_id: None,
+            groups: Vec::new(),
+            groups_prefix: "fleet/groups".into(),
+            username: None,
+            password_env: None,
+            ca_file: None,
+            insecure: true,
+            heartbeat_s: 600.0,
+            telemetry_s: 60.0,
+            fallback: Default::default(),
+        });
+    }
+    let mut l = ClosedLoop::start(c).await.unwrap();
+    l.run(20.0, |_, _| {}).await;
+    // A 30 % pulse latches the step.
+    l.sim.set_contact(12, true);
+    l.run(1.5, |_, _| {}).await;
+    l.sim.set_contact(12, false);
+    l.run(3.0, |_, _| {}).await;
+    let ripple = l
+        .ems
+        .dr_book()
+        .lock()
+        .list()
+        .into_iter()
+        .find(|e| e.event.source == "ripple")
+        .expect("the step is latched");
+    let id = ripple.event.id.clone();
+
+    let mut o = MqttOptions::new("aggregator", "127.0.0.1", broker.port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(o, 16);
+    let cancel = json!({ "cancel": id }).to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let refusal = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let ev = tokio::time::timeout(left, eventloop.poll())
+            .await
+            .expect("a refusal on the ack topic");
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                client
+                    .subscribe("fleet/site-1/dr/ack", QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                client
+                    .publish(
+                        "fleet/site-1/dr/events",
+                        QoS::AtLeastOnce,
+                        false,
+                        cancel.clone(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let v: Value = serde_json::from_slice(&p.payload).unwrap();
+                if v["id"] == id.as_str() {
+                    break v;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("aggregator link: {e}"),
+        }
+    };
+    assert_eq!(refusal["status"], "rejected", "{refusal}");
+    assert!(
+        refusal["reason"]
+            .as_str()
+            .unwrap()
+            .contains("grid operator"),
+        "{refusal}"
+    );
+    // Still latched, still capping feed-in.
+    l.run(3.0, |_, _| {}).await;
+    assert!(
+        l.ems.dr_book().lock().get(&id).is_some(),
+        "the step stays in the book"
+    );
+    assert!(
+        l.export_w() <= 30_000.0,
+        "feed-in still capped: {}",
+        l.export_w()
+    );
+    // Over HTTP neither: the API cancels as `http`.
+    let http = l.ems.dr_book().cancel(&id, "http").await;
+    assert!(
+        matches!(http, Err(site_ems::dr::book::BookError::Forbidden(_))),
+        "{http:?}"
+    );
+}
