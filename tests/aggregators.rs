@@ -545,3 +545,17 @@ async fn a_cancel_the_store_cannot_take_changes_nothing_before_or_after_a_restar
     .await;
     h.stop().await;
 }
+
+/// The fleet harness: 100 complete sites, one group event. Figures are printed, not asserted
+/// (the 1,000-site run is `cargo bench --bench fleet`); that every site enforces the event
+/// and acknowledges it is asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_100_sites_obeys_one_group_event() {
+    let broker = Mosquitto::start();
+    let f = site_ems::sim::fleet::measure(100, broker.port, Some(broker.pid()))
+        .await
+        .expect("the fleet starts");
+    println!("{}", serde_json::to_string_pretty(&f).unwrap());
+    assert_eq!(f.bind_missing, 0, "sites that never enforced the event");
+    assert_eq!(f.ack_missing, 0, "sites whose ack never arrived");
+}

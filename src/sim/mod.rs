@@ -4,6 +4,7 @@
 //! Tests and demos drive it through [`SimSite`]: stop or silence a device, script a load
 //! step, pause time and read the ground truth.
 
+pub mod fleet;
 pub mod lockstep;
 pub mod physics;
 pub mod pty;

@@ -66,6 +66,10 @@ impl Mosquitto {
         panic!("mosquitto did not listen on {}", self.port);
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
