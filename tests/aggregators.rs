@@ -559,3 +559,51 @@ async fn a_fleet_of_100_sites_obeys_one_group_event() {
     assert_eq!(f.bind_missing, 0, "sites that never enforced the event");
     assert_eq!(f.ack_missing, 0, "sites whose ack never arrived");
 }
+
+/// An ack the broker never confirmed is on disk: after a restart it still arrives, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_ack_survives_a_restart() {
+    let broker = Mosquitto::start();
+    let cut = LinkCut::start(broker.port);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ems.db");
+    let mut c = site(mqtt(cut.port, "fleet/a"));
+    c.store = Some(site_ems::config::StoreConfig {
+        path: path.display().to_string(),
+    });
+    let (_client, mut acks) = aggregator(broker.port, "aggregator").await;
+    let h = Harness::start(c.clone()).await;
+    h.wait_for(Duration::from_secs(10), "connected", connected)
+        .await;
+    cut.cut();
+    h.wait_for(Duration::from_secs(10), "link down", |s| !connected(s))
+        .await;
+    let now = now_of(&h.status().await.unwrap());
+    let start = now + chrono::Duration::hours(1);
+    let event = json!({"id": "kept-1", "start": start, "end": start + chrono::Duration::hours(1),
+                       "export_limit_w": 50_000});
+    assert_eq!(post(&h, event).await, 201);
+    // The guard loop hands the ack to the link on its next cycle; then the EMS stops.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    h.stop().await;
+
+    cut.restore();
+    let h = Harness::start(c).await;
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let wait = if seen > 0 {
+            left.min(Duration::from_secs(2))
+        } else {
+            left
+        };
+        match tokio::time::timeout(wait, acks.recv()).await {
+            Ok(Some((_, v))) if v["id"] == "kept-1" && v["status"] == "accepted" => seen += 1,
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    assert_eq!(seen, 1, "the accepted ack arrives once after the restart");
+    h.stop().await;
+}

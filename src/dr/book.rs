@@ -71,14 +71,21 @@ impl Entry {
 }
 
 /// An acknowledgement for the aggregator.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Ack {
     pub id: String,
     /// `accepted`, `rejected`, `active`, `ended`, `cancelled`.
     pub status: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub source: String,
+}
+
+impl Ack {
+    /// One per event and status: where the outbox keeps it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.id, self.status)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::MqttConfig;
 use crate::dr::book::{Ack, SharedBook};
 use crate::dr::wire::EventRequest;
+use crate::store::writer::Writer;
 
 /// What the site tells its aggregator every `telemetry_s`: the loop publishes it each cycle.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -143,9 +144,11 @@ const ACK_WINDOW: usize = 32;
 /// Acknowledgements on their way to the broker. An ack leaves only when the broker has
 /// confirmed it (PUBACK); if the link drops first it goes back to the front and is sent
 /// again after the reconnect. rumqttc drops what it had in flight when it starts a new
-/// session, so the outbox, not the client, is where an ack is kept.
-#[derive(Debug, Default)]
+/// session, so the outbox, not the client, is where an ack is kept — in the store too,
+/// when there is one, so a restart does not lose it either.
+#[derive(Default)]
 struct Outbox {
+    store: Option<Writer>,
     waiting: VecDeque<Ack>,
     /// Publishes requested from the client, in order, not yet written (`None`: not an ack).
     requested: VecDeque<Option<Ack>>,
@@ -165,9 +168,24 @@ impl Outbox {
         }
     }
 
+    /// A new ack: kept (on disk too) until the broker has it.
+    fn add(&mut self, ack: Ack) {
+        if let (Some(w), Ok(json)) = (&self.store, serde_json::to_string(&ack)) {
+            w.outbox(&ack.key(), Some(json));
+        }
+        self.waiting.push_back(ack);
+    }
+
     /// The broker confirmed `pkid`: that ack is delivered.
     fn confirmed(&mut self, pkid: u16) {
-        self.in_flight.retain(|(p, _)| *p != pkid);
+        let store = &self.store;
+        self.in_flight.retain(|(p, ack)| {
+            let done = *p == pkid;
+            if let (true, Some(w)) = (done, store) {
+                w.outbox(&ack.key(), None);
+            }
+            !done
+        });
     }
 
     /// The link dropped: everything not confirmed is sent again, in its order.
@@ -301,10 +319,14 @@ fn with_site(ack: &Ack, site: &str) -> String {
     v.to_string()
 }
 
-/// Run the link until the process ends: reconnects by itself.
+/// Run the link until the process ends: reconnects by itself. `pending`: acks an earlier
+/// run kept in `store` that the broker never confirmed; they go out first.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     cfg: MqttConfig,
     book: SharedBook,
+    store: Option<Writer>,
+    pending: Vec<Ack>,
     mut acks: mpsc::UnboundedReceiver<Ack>,
     mut telemetry_rx: watch::Receiver<Option<Telemetry>>,
     state: Arc<Mutex<LinkState>>,
@@ -343,7 +365,11 @@ pub fn spawn(
             topics,
             client,
             state,
-            outbox: Outbox::default(),
+            outbox: Outbox {
+                store,
+                waiting: pending.into(),
+                ..Outbox::default()
+            },
         };
         let mut telemetry =
             tokio::time::interval(Duration::from_secs_f64(link.cfg.telemetry_s.max(0.1)));
@@ -365,12 +391,30 @@ pub fn spawn(
                     }
                 }
                 _ = retry => retry_at = None,
-                Some(ack) = acks.recv() => {
-                    link.outbox.waiting.push_back(ack);
-                    link.send_acks();
-                }
+                ack = acks.recv() => match ack {
+                    Some(ack) => {
+                        link.outbox.add(ack);
+                        link.send_acks();
+                    }
+                    // The EMS has stopped: so does its link (acks not confirmed stay on disk).
+                    None => {
+                        let status = link.topics.status.clone();
+                        let _ = link.client.try_publish(status, QoS::AtLeastOnce, true, "offline");
+                        let _ = link.client.try_disconnect();
+                        // Let the event loop write both before it goes.
+                        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                            while let Ok(ev) = eventloop.poll().await {
+                                if matches!(ev, Event::Outgoing(Outgoing::Disconnect)) {
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                        return;
+                    }
+                },
                 Some(ack) = reject_rx.recv() => {
-                    link.outbox.waiting.push_back(ack);
+                    link.outbox.add(ack);
                     link.send_acks();
                 }
                 _ = telemetry.tick() => {

@@ -91,6 +91,23 @@ fn load_originals(config: &SiteConfig) -> HashMap<String, Vec<(u16, u16)>> {
         })
 }
 
+/// Acks an earlier run kept because the broker had not confirmed them.
+fn load_outbox(config: &SiteConfig) -> Vec<crate::dr::book::Ack> {
+    let Some(s) = &config.store else {
+        return Vec::new();
+    };
+    match Store::open(std::path::Path::new(&s.path)).and_then(|st| st.outbox()) {
+        Ok(rows) => rows
+            .iter()
+            .filter_map(|json| serde_json::from_str(json).ok())
+            .collect(),
+        Err(e) => {
+            tracing::error!("cannot read the unsent acks in {}: {e}", s.path);
+            Vec::new()
+        }
+    }
+}
+
 fn load_book(config: &SiteConfig) -> DrBook {
     let Some(s) = &config.store else {
         return DrBook::default();
@@ -145,7 +162,15 @@ impl Ems {
         let mqtt = config.dr.as_ref().and_then(|d| d.mqtt.clone()).map(|m| {
             let state = Arc::new(std::sync::Mutex::new(crate::dr::mqtt::LinkState::default()));
             let (acks, ack_rx) = tokio::sync::mpsc::unbounded_channel();
-            crate::dr::mqtt::spawn(m.clone(), book.clone(), ack_rx, telemetry_rx, state.clone());
+            crate::dr::mqtt::spawn(
+                m.clone(),
+                book.clone(),
+                writer.clone(),
+                load_outbox(&config),
+                ack_rx,
+                telemetry_rx,
+                state.clone(),
+            );
             MqttSide {
                 state,
                 acks,

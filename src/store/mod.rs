@@ -33,6 +33,10 @@ const SCHEMA: &str = "
         event TEXT NOT NULL,   -- the event as JSON
         state TEXT NOT NULL
     );
+    CREATE TABLE IF NOT EXISTS mqtt_outbox (
+        key TEXT PRIMARY KEY,        -- event id and status: one ack each
+        ack TEXT NOT NULL            -- the ack as JSON, until the broker has confirmed it
+    );
     CREATE TABLE IF NOT EXISTS originals (
         device TEXT NOT NULL,        -- inverter id
         register INTEGER NOT NULL,   -- a control register the EMS takes over
@@ -121,6 +125,15 @@ impl Store {
         Ok(((n > 0).then(|| sum / f64::from(n)), n))
     }
 
+    /// Acks for the aggregator the broker has not confirmed yet, oldest first (JSON).
+    pub fn outbox(&self) -> rusqlite::Result<Vec<String>> {
+        let mut q = self
+            .conn
+            .prepare("SELECT ack FROM mqtt_outbox ORDER BY rowid")?;
+        let rows = q.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect()
+    }
+
     /// Every demand-response event ever stored: ids are unique for ever, so the book needs
     /// them all to refuse a repeat, and the ones not over yet to enforce them.
     pub fn dr_events(&self) -> rusqlite::Result<Vec<StoredEvent>> {
@@ -189,6 +202,17 @@ fn write_originals(
         )?;
     }
     tx.commit()
+}
+
+fn write_outbox(conn: &Connection, key: &str, ack: Option<&str>) -> rusqlite::Result<()> {
+    match ack {
+        Some(json) => conn.execute(
+            "INSERT OR REPLACE INTO mqtt_outbox (key, ack) VALUES (?1, ?2)",
+            params![key, json],
+        )?,
+        None => conn.execute("DELETE FROM mqtt_outbox WHERE key = ?1", params![key])?,
+    };
+    Ok(())
 }
 
 fn write_dr_event(conn: &Connection, e: &StoredEvent) -> rusqlite::Result<()> {

@@ -42,6 +42,11 @@ enum Op {
         device: String,
         values: Option<Vec<(u16, u16)>>,
     },
+    /// An ack waiting for the broker (`None`: the broker has it, forget it).
+    Outbox {
+        key: String,
+        ack: Option<String>,
+    },
     /// Answered once everything queued before it is written.
     Flush(Reply),
 }
@@ -93,6 +98,15 @@ impl Writer {
         self.send(Op::Originals {
             device: device.to_string(),
             values,
+        });
+    }
+
+    /// Keep an ack for the aggregator until the broker confirms it (`None`: it has). Never
+    /// blocks.
+    pub fn outbox(&self, key: &str, ack: Option<String>) {
+        self.send(Op::Outbox {
+            key: key.to_string(),
+            ack,
         });
     }
 
@@ -330,6 +344,7 @@ impl Worker {
             Op::Originals { device, values } => {
                 super::write_originals(conn, device, values.as_deref())
             }
+            Op::Outbox { key, ack } => super::write_outbox(conn, key, ack.as_deref()),
             Op::Flush(_) => Ok(()),
         };
         match result {
@@ -341,7 +356,10 @@ impl Worker {
     fn finish(&mut self, op: Op, result: Result<(), String>) {
         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
         match op {
-            Op::Sample { .. } | Op::Event { waiting: None, .. } | Op::Originals { .. } => {
+            Op::Sample { .. }
+            | Op::Event { waiting: None, .. }
+            | Op::Originals { .. }
+            | Op::Outbox { .. } => {
                 self.stats.written.fetch_add(1, Ordering::Relaxed);
             }
             Op::Event {
