@@ -17,6 +17,7 @@ pub mod io;
 pub mod planner;
 pub mod runtime;
 pub mod sim;
+pub mod sky;
 pub mod solar;
 pub mod store;
 pub mod web;
