@@ -98,7 +98,10 @@ pub fn sun_at(place: Place, t: DateTime<Utc>) -> Option<Sun> {
 pub fn extra_radiation(t: DateTime<Utc>) -> f64 {
     use chrono::Datelike;
     let b = 2.0 * std::f64::consts::PI * f64::from(t.ordinal0()) / 365.0;
-    let r = 1.00011 + 0.034221 * b.cos() + 0.00128 * b.sin() + 0.000719 * (2.0 * b).cos()
+    let r = 1.00011
+        + 0.034221 * b.cos()
+        + 0.00128 * b.sin()
+        + 0.000719 * (2.0 * b).cos()
         + 0.000077 * (2.0 * b).sin();
     SOLAR_CONSTANT_W_M2 * r
 }
@@ -149,7 +152,11 @@ pub fn plane_of_array(sun: Sun, sky: ClearSky, dni_extra: f64, array: &Array) ->
     let beam = (sky.dni * cos_incidence).max(0.0);
     // Beam on the tilt over beam on the ground, the sun kept above 1° for stability.
     let rb = cos_incidence.max(0.0) / cosd(sun.zenith_deg).max(0.01745);
-    let anisotropy = if dni_extra > 0.0 { sky.dni / dni_extra } else { 0.0 };
+    let anisotropy = if dni_extra > 0.0 {
+        sky.dni / dni_extra
+    } else {
+        0.0
+    };
     let circumsolar = (sky.dhi * anisotropy * rb).max(0.0);
     let isotropic = (sky.dhi * (1.0 - anisotropy) * (1.0 + cosd(array.tilt_deg)) / 2.0).max(0.0);
     let ground = sky.ghi * ALBEDO * (1.0 - cosd(array.tilt_deg)) / 2.0;
@@ -213,7 +220,10 @@ mod tests {
     fn summer_days_make_more_than_winter_days_and_night_makes_nothing() {
         let (june, june_peak) = day_kwh(LONDON, &[south(80.0)], 2026, 6, 21);
         let (dec, dec_peak) = day_kwh(LONDON, &[south(80.0)], 2026, 12, 21);
-        assert!(june > 2.0 * dec, "June {june:.0} kWh, December {dec:.0} kWh");
+        assert!(
+            june > 2.0 * dec,
+            "June {june:.0} kWh, December {dec:.0} kWh"
+        );
         assert!(dec_peak < 0.6 * june_peak, "{dec_peak} vs {june_peak}");
         let midnight = Utc.with_ymd_and_hms(2026, 6, 21, 0, 0, 0).unwrap();
         assert_eq!(clear_sky_ac_w(LONDON, &[south(80.0)], 3.0, midnight), 0.0);
