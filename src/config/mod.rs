@@ -99,11 +99,49 @@ pub struct PriceSource {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PvForecastConfig {
-    /// Clear-sky-shaped curve scaled to this peak (W).
+    /// The PV arrays: a clear sky at `site.location` on each (see `sky`).
+    #[serde(default)]
+    pub arrays: Vec<ArrayConfig>,
+    /// The air's Linke turbidity for the clear-sky model (3 when absent).
+    #[serde(default)]
+    pub linke_turbidity: Option<f64>,
+    /// A fixed daily curve scaled to this peak (W), the same in every season and place; for
+    /// sites without a location.
     #[serde(default)]
     pub peak_w: Option<f64>,
     #[serde(default)]
     pub csv: Option<String>,
+}
+
+/// One PV array.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArrayConfig {
+    pub kwp: f64,
+    /// 0 flat, 90 vertical.
+    pub tilt_deg: f64,
+    /// Clockwise from north: 180 faces south.
+    pub azimuth_deg: f64,
+    #[serde(default = "default_losses_pct")]
+    pub losses_pct: f64,
+    /// The AC rating of the inverter(s) behind this array: output is clipped there.
+    #[serde(default)]
+    pub ac_limit_w: Option<f64>,
+}
+
+fn default_losses_pct() -> f64 {
+    14.0
+}
+
+impl ArrayConfig {
+    pub fn array(&self) -> crate::sky::Array {
+        crate::sky::Array {
+            kwp: self.kwp,
+            tilt_deg: self.tilt_deg,
+            azimuth_deg: self.azimuth_deg,
+            losses_pct: self.losses_pct,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -338,6 +376,29 @@ pub struct SiteInfo {
     pub name: String,
     /// IANA name, e.g. `Europe/London`; time-of-use windows are read in it.
     pub timezone: String,
+    /// Where the site is: the sun's path for the PV forecast and the simulator.
+    #[serde(default)]
+    pub location: Option<LocationConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocationConfig {
+    pub latitude: f64,
+    /// East positive.
+    pub longitude: f64,
+    #[serde(default)]
+    pub altitude_m: f64,
+}
+
+impl LocationConfig {
+    pub fn place(&self) -> crate::sky::Place {
+        crate::sky::Place {
+            latitude_deg: self.latitude,
+            longitude_deg: self.longitude,
+            altitude_m: self.altitude_m,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -872,6 +933,11 @@ pub struct SimulationConfig {
     /// AC-coupled solar inverter behind the PV meter.
     #[serde(default)]
     pub ac_pv_peak_w: f64,
+    /// Clouds over the simulated site, 0 (always clear) to 1 (overcast at times every day).
+    /// With `site.location`, the simulated sun is the forecast's clear sky (`sky`), dimmed by
+    /// these clouds, so forecasts meet real errors.
+    #[serde(default)]
+    pub cloudiness: f64,
     #[serde(default = "default_initial_soc")]
     pub initial_soc_pct: f64,
     /// How fast simulated firmware moves towards its setpoint, in % of rated per second.
@@ -919,6 +985,7 @@ impl Default for SimulationConfig {
             load_noise_pct: default_noise(),
             pv_peak_ratio: default_pv_ratio(),
             ac_pv_peak_w: 0.0,
+            cloudiness: 0.0,
             initial_soc_pct: default_initial_soc(),
             ramp_pct_per_s: default_ramp(),
         }

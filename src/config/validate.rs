@@ -105,6 +105,7 @@ fn simulation(c: &SiteConfig, r: &mut Report) {
         ("load_noise_pct", s.load_noise_pct, 0.0, 100.0),
         ("pv_peak_ratio", s.pv_peak_ratio, 0.0, 10.0),
         ("ac_pv_peak_w", s.ac_pv_peak_w, 0.0, 1.0e7),
+        ("cloudiness", s.cloudiness, 0.0, 1.0),
         ("initial_soc_pct", s.initial_soc_pct, 0.0, 100.0),
         ("ramp_pct_per_s", s.ramp_pct_per_s, 0.0, 1000.0),
     ] {
@@ -279,6 +280,37 @@ fn dr(c: &SiteConfig, r: &mut Report) {
     }
 }
 
+fn pv_arrays(c: &SiteConfig, p: &super::PlannerConfig, r: &mut Report) {
+    let f = &p.pv_forecast;
+    if !f.arrays.is_empty() && c.site.location.is_none() {
+        r.err(
+            path!["planner", "pv_forecast", "arrays"],
+            "PV arrays need the site's location",
+            "add `location: { latitude: .., longitude: .. }` under `site`",
+        );
+    }
+    if let Some(l) = &c.site.location {
+        let at = |f: &str| path!["site", "location", f];
+        in_range(r, at("latitude"), "latitude", l.latitude, -90.0, 90.0, "degrees north, e.g. 51.5");
+        in_range(r, at("longitude"), "longitude", l.longitude, -180.0, 180.0, "degrees east, e.g. -0.12");
+        in_range(r, at("altitude_m"), "altitude_m", l.altitude_m, -500.0, 9000.0, "metres above sea level");
+    }
+    if let Some(t) = f.linke_turbidity {
+        let at = path!["planner", "pv_forecast", "linke_turbidity"];
+        in_range(r, at, "linke_turbidity", t, 1.0, 10.0, "clean air is about 2, hazy 5; 3 suits most places");
+    }
+    for (k, a) in f.arrays.iter().enumerate() {
+        let at = |field: &str| path!["planner", "pv_forecast", "arrays", k, field];
+        in_range(r, at("kwp"), "kwp", a.kwp, 0.01, 100_000.0, "the array's peak DC power in kW");
+        in_range(r, at("tilt_deg"), "tilt_deg", a.tilt_deg, 0.0, 90.0, "0 is flat, 90 vertical");
+        in_range(r, at("azimuth_deg"), "azimuth_deg", a.azimuth_deg, 0.0, 360.0, "clockwise from north: 180 faces south");
+        in_range(r, at("losses_pct"), "losses_pct", a.losses_pct, 0.0, 60.0, "14 suits most systems");
+        if let Some(w) = a.ac_limit_w {
+            in_range(r, at("ac_limit_w"), "ac_limit_w", w, 1.0, 1.0e8, "the inverters' AC rating in W");
+        }
+    }
+}
+
 fn planner(c: &SiteConfig, r: &mut Report) {
     let Some(p) = &c.planner else {
         return;
@@ -389,13 +421,19 @@ fn planner(c: &SiteConfig, r: &mut Report) {
             in_range(r, at, "price", per.price, -100.0, 100.0, price);
         }
     }
-    if p.pv_forecast.peak_w.is_some() == p.pv_forecast.csv.is_some() {
+    let sources = [
+        !p.pv_forecast.arrays.is_empty(),
+        p.pv_forecast.peak_w.is_some(),
+        p.pv_forecast.csv.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() != 1 {
         r.err(
             path!["planner", "pv_forecast"],
-            "pv_forecast needs exactly one of `peak_w` or `csv`",
-            "give the array's peak in W, or a CSV series",
+            "pv_forecast needs exactly one of `arrays`, `peak_w` or `csv`",
+            "describe the arrays (kwp, tilt_deg, azimuth_deg) with site.location, or give a CSV series",
         );
     }
+    pv_arrays(c, p, r);
     let l = &p.load_forecast;
     if let Some(v) = &l.profile_w {
         if v.len() != 24 || v.iter().any(|x| !x.is_finite() || *x < 0.0) {

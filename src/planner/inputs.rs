@@ -62,20 +62,93 @@ fn value_at(src: &Source, t: DateTime<Utc>, tz: Tz, what: &str) -> Result<f64, S
     }
 }
 
+/// Where the PV forecast comes from.
+enum PvModel {
+    Csv(Series),
+    /// The clear sky at the site on each array, clipped at each array's AC limit.
+    Sky {
+        place: crate::sky::Place,
+        arrays: Vec<(crate::sky::Array, f64)>,
+        linke: f64,
+    },
+    /// A fixed daily curve scaled to a peak.
+    Curve(f64),
+}
+
+impl PvModel {
+    /// The most the model can give, W: what the hybrids' shares are reckoned against.
+    fn peak_w(&self) -> f64 {
+        match self {
+            PvModel::Csv(_) => 0.0,
+            PvModel::Sky { arrays, .. } => arrays
+                .iter()
+                .map(|(a, limit)| (a.kwp * 1000.0).min(*limit))
+                .sum(),
+            PvModel::Curve(peak) => *peak,
+        }
+    }
+
+    /// Mean AC power over the step starting at `t`, taken at its middle.
+    fn at(&self, t: DateTime<Utc>, step_s: f64, tz: Tz) -> Result<f64, String> {
+        let mid = t + chrono::Duration::seconds((step_s / 2.0) as i64);
+        Ok(match self {
+            PvModel::Csv(s) => s
+                .at(t)
+                .ok_or_else(|| format!("{}: no PV value for {}", s.source, t.to_rfc3339()))?
+                .max(0.0),
+            PvModel::Sky {
+                place,
+                arrays,
+                linke,
+            } => arrays
+                .iter()
+                .map(|(a, limit)| {
+                    crate::sky::clear_sky_ac_w(*place, std::slice::from_ref(a), *linke, mid)
+                        .min(*limit)
+                })
+                .sum(),
+            PvModel::Curve(peak) => peak * clear_sky(mid.with_timezone(&tz).naive_local()),
+        })
+    }
+}
+
 fn pv_source(
+    c: &SiteConfig,
     p: &PvForecastConfig,
     csv_override: Option<&String>,
-) -> Result<(Option<Series>, f64, String), String> {
+) -> Result<(PvModel, String), String> {
     if let Some(path) = csv_override.or(p.csv.as_ref()) {
         let s = Series::read_csv(path)?;
         let name = s.source.clone();
-        return Ok((Some(s), 0.0, name));
+        return Ok((PvModel::Csv(s), name));
+    }
+    if let (Some(loc), false) = (&c.site.location, p.arrays.is_empty()) {
+        let kwp: f64 = p.arrays.iter().map(|a| a.kwp).sum();
+        let linke = p
+            .linke_turbidity
+            .unwrap_or(crate::sky::DEFAULT_LINKE_TURBIDITY);
+        return Ok((
+            PvModel::Sky {
+                place: loc.place(),
+                arrays: p
+                    .arrays
+                    .iter()
+                    .map(|a| (a.array(), a.ac_limit_w.unwrap_or(f64::INFINITY)))
+                    .collect(),
+                linke,
+            },
+            format!(
+                "clear sky at {:.2}, {:.2} on {} array(s) of {kwp:.1} kWp (Linke turbidity {linke})",
+                loc.latitude,
+                loc.longitude,
+                p.arrays.len()
+            ),
+        ));
     }
     let peak = p.peak_w.unwrap_or(0.0);
     Ok((
-        None,
-        peak,
-        format!("clear-sky model scaled to a {peak:.0} W peak"),
+        PvModel::Curve(peak),
+        format!("fixed daily curve scaled to a {peak:.0} W peak"),
     ))
 }
 
@@ -161,7 +234,7 @@ pub fn from_config(
 
     let (imp, imp_src) = price_source(&p.import_price, o.import_csv.as_ref())?;
     let (exp, exp_src) = price_source(&p.export_price, o.export_csv.as_ref())?;
-    let (pv_csv, pv_peak, pv_src) = pv_source(&p.pv_forecast, o.pv_csv.as_ref())?;
+    let (pv, pv_src) = pv_source(c, &p.pv_forecast, o.pv_csv.as_ref())?;
     let load = load_source(&p.load_forecast, o.load_csv.as_ref(), store)?;
     let (mut from_history, mut history_samples, mut from_fallback) = (0usize, 0u32, 0usize);
 
@@ -208,13 +281,7 @@ pub fn from_config(
         inputs
             .export_price
             .push(value_at(&exp, t, tz, "export price")?);
-        inputs.pv_w.push(match &pv_csv {
-            Some(s) => s
-                .at(t)
-                .ok_or_else(|| format!("{}: no PV value for {}", s.source, t.to_rfc3339()))?
-                .max(0.0),
-            None => pv_peak * clear_sky(local + chrono::Duration::seconds((step_s / 2.0) as i64)),
-        });
+        inputs.pv_w.push(pv.at(t, step_s, tz)?);
         inputs.load_w.push(match &load {
             LoadSource::Csv(s) => s
                 .at(t)
@@ -255,7 +322,7 @@ pub fn from_config(
     // Each hybrid's share of the forecast: its DC PV over all the site's PV (the forecast
     // model's peak when that is larger; the rest is AC-coupled).
     let dc_pv_w: f64 = c.inverters.iter().filter_map(|inv| inv.pv_peak_w).sum();
-    let site_pv_w = dc_pv_w.max(if pv_csv.is_none() { pv_peak } else { 0.0 });
+    let site_pv_w = dc_pv_w.max(pv.peak_w());
     for (k, inv) in c.inverters.iter().enumerate() {
         let b = &inv.battery;
         inputs.batteries.push(Battery {

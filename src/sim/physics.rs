@@ -154,6 +154,79 @@ pub enum AntiRefluxPoint {
     Site,
 }
 
+/// The simulated sun at a real place: the planner's clear sky on the site's arrays, as a
+/// share of their rating, dimmed by clouds that change from day to day and minute to minute
+/// (deterministic for a seed).
+#[derive(Debug, Clone)]
+pub struct SimSky {
+    place: crate::sky::Place,
+    arrays: Vec<crate::sky::Array>,
+    linke: f64,
+    /// The arrays' AC at 1000 W/m² on every one.
+    rated_w: f64,
+    cloudiness: f64,
+    seed: u64,
+}
+
+impl SimSky {
+    fn from_config(c: &SiteConfig) -> Option<SimSky> {
+        let place = c.site.location?.place();
+        let forecast = c.planner.as_ref().map(|p| &p.pv_forecast);
+        let mut arrays: Vec<crate::sky::Array> = forecast
+            .map(|f| f.arrays.iter().map(|a| a.array()).collect())
+            .unwrap_or_default();
+        if arrays.is_empty() {
+            // No arrays described: one facing the equator at a common roof pitch.
+            arrays.push(crate::sky::Array {
+                kwp: 1.0,
+                tilt_deg: 35.0,
+                azimuth_deg: if place.latitude_deg >= 0.0 { 180.0 } else { 0.0 },
+                losses_pct: 14.0,
+            });
+        }
+        let rated_w = arrays
+            .iter()
+            .map(|a| a.kwp * 1000.0 * (1.0 - a.losses_pct / 100.0))
+            .sum();
+        Some(SimSky {
+            place,
+            arrays,
+            linke: forecast
+                .and_then(|f| f.linke_turbidity)
+                .unwrap_or(crate::sky::DEFAULT_LINKE_TURBIDITY),
+            rated_w,
+            cloudiness: c.simulation.cloudiness,
+            seed: c.simulation.seed,
+        })
+    }
+
+    /// Share of the PV's peak at `now`, 0 to about 1.
+    pub fn factor(&self, now: DateTime<Utc>, tz: Tz) -> f64 {
+        let clear = crate::sky::clear_sky_ac_w(self.place, &self.arrays, self.linke, now);
+        (clear / self.rated_w.max(1.0)) * self.clouds(now, tz)
+    }
+
+    /// What the clouds let through at `now`.
+    fn clouds(&self, now: DateTime<Utc>, tz: Tz) -> f64 {
+        use chrono::{Datelike, Timelike};
+        if self.cloudiness <= 0.0 {
+            return 1.0;
+        }
+        let local = now.with_timezone(&tz);
+        let day = local.date_naive().num_days_from_ce() as u64;
+        let draw = |salt: u64| {
+            let mut r = SmallRng::seed_from_u64(
+                self.seed ^ day.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt,
+            );
+            r.random::<f64>()
+        };
+        let cover = self.cloudiness * draw(1);
+        let minutes = f64::from(local.num_seconds_from_midnight()) / 60.0;
+        let passing = 0.5 + 0.5 * (2.0 * std::f64::consts::PI * (minutes / 47.0 + draw(2))).sin();
+        1.0 - 0.8 * cover * passing
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SiteModel {
     /// Where the units' anti-reflux limits are measured.
@@ -168,6 +241,8 @@ pub struct SiteModel {
     pub phase_shares: [f64; 3],
     pub noise_pct: f64,
     pub ac_pv_peak_w: f64,
+    /// The sun at the site's location, when it has one.
+    pub sky: Option<SimSky>,
     /// Scripted change of site load (e.g. a 5 kW drop is −5000), split by phase shares.
     pub load_step_w: f64,
     pub ramp_w_per_s_pct: f64,
@@ -246,6 +321,7 @@ impl SiteModel {
             phase_shares: s.load_phase_shares,
             noise_pct: s.load_noise_pct,
             ac_pv_peak_w: s.ac_pv_peak_w,
+            sky: SimSky::from_config(c),
             load_step_w: 0.0,
             ramp_w_per_s_pct: s.ramp_pct_per_s,
             frequency_hz: 50.0,
@@ -287,7 +363,10 @@ impl SiteModel {
     pub fn step(&mut self, dt_s: f64) {
         self.now += chrono::Duration::milliseconds((dt_s * 1000.0).round() as i64);
         let local = self.local_now();
-        let sun = clear_sky(local);
+        let sun = match &self.sky {
+            Some(sky) => sky.factor(self.now, self.tz),
+            None => clear_sky(local),
+        };
         let shares = self.shares();
 
         // Load per phase, with slowly wandering noise.
