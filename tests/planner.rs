@@ -441,3 +441,62 @@ fn overnight_windows_agree_between_planner_and_guard_loop_across_dst() {
         }
     }
 }
+
+/// A week under clouds, simulated by the site model and stored minute by minute: the plan's
+/// PV forecast for the next day drops from the clear sky towards what the site measured.
+#[test]
+fn a_cloudy_week_lowers_the_pv_forecast_towards_what_was_measured() {
+    use chrono::TimeZone;
+    use site_ems::sim::physics::SiteModel;
+    use site_ems::store::{Sample, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.sqlite");
+    let mut c =
+        site_ems::config::SiteConfig::load(std::path::Path::new("sites/demo.yaml")).unwrap();
+    c.simulation.cloudiness = 0.9;
+    c.simulation.start = Some("2026-06-14T00:00".into());
+    let mut site = SiteModel::new(&c);
+    let store = Store::open(&path).unwrap();
+    let mut measured_kwh = 0.0;
+    for _ in 0..7 * 24 * 60 {
+        site.step(60.0);
+        let pv_w: f64 = site.inverters.iter().map(|i| i.pv_w).sum();
+        measured_kwh += pv_w / 60.0 / 1000.0;
+        store
+            .insert(Sample {
+                minute: site.now,
+                load_w: 30_000.0,
+                pv_w,
+                grid_w: 0.0,
+            })
+            .unwrap();
+    }
+    let measured_per_day = measured_kwh / 7.0;
+    let start = chrono::Utc.with_ymd_and_hms(2026, 6, 20, 23, 0, 0).unwrap();
+    let forecast_kwh = |store: Option<&Store>| {
+        let p = c.planner.clone().unwrap();
+        let i = site_ems::planner::inputs::from_config(
+            &c,
+            &p,
+            start,
+            &[50.0; 10],
+            &Default::default(),
+            store,
+        )
+        .unwrap();
+        let kwh = i.pv_w.iter().sum::<f64>() * i.step_s / 3600.0 / 1000.0;
+        (kwh, i.sources.pv)
+    };
+    let (clear, _) = forecast_kwh(None);
+    let (learnt, source) = forecast_kwh(Some(&store));
+    println!(
+        "measured {measured_per_day:.0} kWh/day over the cloudy week; forecast clear sky {clear:.0} kWh, learnt {learnt:.0} kWh ({source})"
+    );
+    assert!(measured_per_day < 0.8 * clear, "the week was cloudy");
+    assert!(learnt < clear, "the correction lowers the forecast");
+    assert!(
+        (learnt - measured_per_day).abs() < 0.5 * (clear - measured_per_day).abs(),
+        "and brings it most of the way to what was measured"
+    );
+    assert!(source.contains("learnt over 14 days"), "{source}");
+}

@@ -105,6 +105,10 @@ pub struct PvForecastConfig {
     /// The air's Linke turbidity for the clear-sky model (3 when absent).
     #[serde(default)]
     pub linke_turbidity: Option<f64>,
+    /// Days of stored history the clear sky is corrected from (measured ÷ clear sky by hour
+    /// of day); 0 turns the correction off. Needs `store`.
+    #[serde(default = "default_learn_days")]
+    pub learn_days: u32,
     /// A fixed daily curve scaled to this peak (W), the same in every season and place; for
     /// sites without a location.
     #[serde(default)]
@@ -127,6 +131,10 @@ pub struct ArrayConfig {
     /// The AC rating of the inverter(s) behind this array: output is clipped there.
     #[serde(default)]
     pub ac_limit_w: Option<f64>,
+}
+
+fn default_learn_days() -> u32 {
+    14
 }
 
 fn default_losses_pct() -> f64 {

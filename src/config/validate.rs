@@ -291,22 +291,101 @@ fn pv_arrays(c: &SiteConfig, p: &super::PlannerConfig, r: &mut Report) {
     }
     if let Some(l) = &c.site.location {
         let at = |f: &str| path!["site", "location", f];
-        in_range(r, at("latitude"), "latitude", l.latitude, -90.0, 90.0, "degrees north, e.g. 51.5");
-        in_range(r, at("longitude"), "longitude", l.longitude, -180.0, 180.0, "degrees east, e.g. -0.12");
-        in_range(r, at("altitude_m"), "altitude_m", l.altitude_m, -500.0, 9000.0, "metres above sea level");
+        in_range(
+            r,
+            at("latitude"),
+            "latitude",
+            l.latitude,
+            -90.0,
+            90.0,
+            "degrees north, e.g. 51.5",
+        );
+        in_range(
+            r,
+            at("longitude"),
+            "longitude",
+            l.longitude,
+            -180.0,
+            180.0,
+            "degrees east, e.g. -0.12",
+        );
+        in_range(
+            r,
+            at("altitude_m"),
+            "altitude_m",
+            l.altitude_m,
+            -500.0,
+            9000.0,
+            "metres above sea level",
+        );
+    }
+    if f.learn_days > 365 {
+        r.err(
+            path!["planner", "pv_forecast", "learn_days"],
+            format!("learn_days {} is more than a year", f.learn_days),
+            "two weeks (14) follow the season; 0 turns learning off",
+        );
     }
     if let Some(t) = f.linke_turbidity {
         let at = path!["planner", "pv_forecast", "linke_turbidity"];
-        in_range(r, at, "linke_turbidity", t, 1.0, 10.0, "clean air is about 2, hazy 5; 3 suits most places");
+        in_range(
+            r,
+            at,
+            "linke_turbidity",
+            t,
+            1.0,
+            10.0,
+            "clean air is about 2, hazy 5; 3 suits most places",
+        );
     }
     for (k, a) in f.arrays.iter().enumerate() {
         let at = |field: &str| path!["planner", "pv_forecast", "arrays", k, field];
-        in_range(r, at("kwp"), "kwp", a.kwp, 0.01, 100_000.0, "the array's peak DC power in kW");
-        in_range(r, at("tilt_deg"), "tilt_deg", a.tilt_deg, 0.0, 90.0, "0 is flat, 90 vertical");
-        in_range(r, at("azimuth_deg"), "azimuth_deg", a.azimuth_deg, 0.0, 360.0, "clockwise from north: 180 faces south");
-        in_range(r, at("losses_pct"), "losses_pct", a.losses_pct, 0.0, 60.0, "14 suits most systems");
+        in_range(
+            r,
+            at("kwp"),
+            "kwp",
+            a.kwp,
+            0.01,
+            100_000.0,
+            "the array's peak DC power in kW",
+        );
+        in_range(
+            r,
+            at("tilt_deg"),
+            "tilt_deg",
+            a.tilt_deg,
+            0.0,
+            90.0,
+            "0 is flat, 90 vertical",
+        );
+        in_range(
+            r,
+            at("azimuth_deg"),
+            "azimuth_deg",
+            a.azimuth_deg,
+            0.0,
+            360.0,
+            "clockwise from north: 180 faces south",
+        );
+        in_range(
+            r,
+            at("losses_pct"),
+            "losses_pct",
+            a.losses_pct,
+            0.0,
+            60.0,
+            "14 suits most systems",
+        );
         if let Some(w) = a.ac_limit_w {
-            in_range(r, at("ac_limit_w"), "ac_limit_w", w, 1.0, 1.0e8, "the inverters' AC rating in W");
+            in_range(
+                r,
+                at("ac_limit_w"),
+                "ac_limit_w",
+                w,
+                1.0,
+                1.0e8,
+                "the inverters' AC rating in W",
+            );
         }
     }
 }

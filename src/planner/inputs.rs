@@ -5,6 +5,7 @@
 use chrono::{DateTime, Timelike, Utc};
 use chrono_tz::Tz;
 
+use super::pv_correction::Correction;
 use super::series::Series;
 use super::{Battery, PlanInputs, Sources};
 use crate::config::{
@@ -70,6 +71,8 @@ enum PvModel {
         place: crate::sky::Place,
         arrays: Vec<(crate::sky::Array, f64)>,
         linke: f64,
+        /// Learnt from the site's history, when there is some.
+        correction: Option<Box<Correction>>,
     },
     /// A fixed daily curve scaled to a peak.
     Curve(f64),
@@ -100,22 +103,36 @@ impl PvModel {
                 place,
                 arrays,
                 linke,
-            } => arrays
-                .iter()
-                .map(|(a, limit)| {
-                    crate::sky::clear_sky_ac_w(*place, std::slice::from_ref(a), *linke, mid)
-                        .min(*limit)
-                })
-                .sum(),
+                correction,
+            } => {
+                let clear = clear_sky_w(*place, arrays, *linke, mid);
+                clear * correction.as_ref().map_or(1.0, |c| c.factor(mid, tz))
+            }
             PvModel::Curve(peak) => peak * clear_sky(mid.with_timezone(&tz).naive_local()),
         })
     }
+}
+
+/// The arrays' clear-sky AC at `t`, each clipped at its limit.
+fn clear_sky_w(
+    place: crate::sky::Place,
+    arrays: &[(crate::sky::Array, f64)],
+    linke: f64,
+    t: DateTime<Utc>,
+) -> f64 {
+    arrays
+        .iter()
+        .map(|(a, limit)| {
+            crate::sky::clear_sky_ac_w(place, std::slice::from_ref(a), linke, t).min(*limit)
+        })
+        .sum()
 }
 
 fn pv_source(
     c: &SiteConfig,
     p: &PvForecastConfig,
     csv_override: Option<&String>,
+    history: Option<(&Store, DateTime<Utc>)>,
 ) -> Result<(PvModel, String), String> {
     if let Some(path) = csv_override.or(p.csv.as_ref()) {
         let s = Series::read_csv(path)?;
@@ -127,22 +144,52 @@ fn pv_source(
         let linke = p
             .linke_turbidity
             .unwrap_or(crate::sky::DEFAULT_LINKE_TURBIDITY);
+        let place = loc.place();
+        let arrays: Vec<_> = p
+            .arrays
+            .iter()
+            .map(|a| (a.array(), a.ac_limit_w.unwrap_or(f64::INFINITY)))
+            .collect();
+        let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+        let correction = match history {
+            Some((store, start)) if p.learn_days > 0 => {
+                let from = start - chrono::Duration::days(i64::from(p.learn_days));
+                let hourly = store
+                    .pv_hourly(from, start)
+                    .map_err(|e| format!("store: {e}"))?;
+                Some(Box::new(Correction::learn(
+                    &hourly,
+                    |t| clear_sky_w(place, &arrays, linke, t),
+                    tz,
+                )))
+                .filter(|c| c.hours > 0)
+            }
+            _ => None,
+        };
+        let learnt = correction
+            .as_ref()
+            .and_then(|c| c.mean())
+            .map(|m| {
+                format!(
+                    " × the site's measured share of it, learnt over {} days (mean {m:.2})",
+                    p.learn_days
+                )
+            })
+            .unwrap_or_default();
+        let source = format!(
+            "clear sky at {:.2}, {:.2} on {} array(s) of {kwp:.1} kWp (Linke turbidity {linke}){learnt}",
+            loc.latitude,
+            loc.longitude,
+            p.arrays.len()
+        );
         return Ok((
             PvModel::Sky {
-                place: loc.place(),
-                arrays: p
-                    .arrays
-                    .iter()
-                    .map(|a| (a.array(), a.ac_limit_w.unwrap_or(f64::INFINITY)))
-                    .collect(),
+                place,
+                arrays,
                 linke,
+                correction,
             },
-            format!(
-                "clear sky at {:.2}, {:.2} on {} array(s) of {kwp:.1} kWp (Linke turbidity {linke})",
-                loc.latitude,
-                loc.longitude,
-                p.arrays.len()
-            ),
+            source,
         ));
     }
     let peak = p.peak_w.unwrap_or(0.0);
@@ -234,7 +281,12 @@ pub fn from_config(
 
     let (imp, imp_src) = price_source(&p.import_price, o.import_csv.as_ref())?;
     let (exp, exp_src) = price_source(&p.export_price, o.export_csv.as_ref())?;
-    let (pv, pv_src) = pv_source(c, &p.pv_forecast, o.pv_csv.as_ref())?;
+    let (pv, pv_src) = pv_source(
+        c,
+        &p.pv_forecast,
+        o.pv_csv.as_ref(),
+        store.map(|s| (s, start)),
+    )?;
     let load = load_source(&p.load_forecast, o.load_csv.as_ref(), store)?;
     let (mut from_history, mut history_samples, mut from_fallback) = (0usize, 0u32, 0usize);
 

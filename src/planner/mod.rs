@@ -17,6 +17,7 @@ mod exact;
 pub mod inputs;
 mod lp;
 mod publish;
+pub mod pv_correction;
 pub mod series;
 pub mod task;
 

@@ -180,7 +180,11 @@ impl SimSky {
             arrays.push(crate::sky::Array {
                 kwp: 1.0,
                 tilt_deg: 35.0,
-                azimuth_deg: if place.latitude_deg >= 0.0 { 180.0 } else { 0.0 },
+                azimuth_deg: if place.latitude_deg >= 0.0 {
+                    180.0
+                } else {
+                    0.0
+                },
                 losses_pct: 14.0,
             });
         }
@@ -215,15 +219,16 @@ impl SimSky {
         let local = now.with_timezone(&tz);
         let day = local.date_naive().num_days_from_ce() as u64;
         let draw = |salt: u64| {
-            let mut r = SmallRng::seed_from_u64(
-                self.seed ^ day.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt,
-            );
+            let mut r =
+                SmallRng::seed_from_u64(self.seed ^ day.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt);
             r.random::<f64>()
         };
-        let cover = self.cloudiness * draw(1);
+        // Each day's cover scatters around the cloudiness; within the day clouds thicken and
+        // thin every 47 minutes.
+        let cover = (self.cloudiness * (0.5 + draw(1))).min(1.0);
         let minutes = f64::from(local.num_seconds_from_midnight()) / 60.0;
-        let passing = 0.5 + 0.5 * (2.0 * std::f64::consts::PI * (minutes / 47.0 + draw(2))).sin();
-        1.0 - 0.8 * cover * passing
+        let passing = 0.6 + 0.4 * (2.0 * std::f64::consts::PI * (minutes / 47.0 + draw(2))).sin();
+        1.0 - 0.85 * cover * passing
     }
 }
 

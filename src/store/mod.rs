@@ -125,6 +125,34 @@ impl Store {
         Ok(((n > 0).then(|| sum / f64::from(n)), n))
     }
 
+    /// Measured PV per clock hour in `[from, to)`: the hour's start, its mean PV (W) and how
+    /// many minutes it is made of.
+    pub fn pv_hourly(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> rusqlite::Result<Vec<(DateTime<Utc>, f64, u32)>> {
+        let mut q = self.conn.prepare_cached(
+            "SELECT (minute / 3600) * 3600 AS h, AVG(pv_w), COUNT(*) FROM samples
+             WHERE minute >= ?1 AND minute < ?2 GROUP BY h ORDER BY h",
+        )?;
+        let rows = q.query_map(params![from.timestamp(), to.timestamp()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, f64>(1)?,
+                r.get::<_, u32>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (h, mean, n) = row?;
+            if let Some(t) = DateTime::<Utc>::from_timestamp(h, 0) {
+                out.push((t, mean, n));
+            }
+        }
+        Ok(out)
+    }
+
     /// Acks for the aggregator the broker has not confirmed yet, oldest first (JSON).
     pub fn outbox(&self) -> rusqlite::Result<Vec<String>> {
         let mut q = self
