@@ -319,12 +319,25 @@ fn plan(command: Command) -> Result<(), String> {
     if !(0.0..=100.0).contains(&soc) {
         return Err(format!("--soc {soc} is outside 0–100"));
     }
+    // A weather forecast, when the site file names one: fetched once, now.
+    let weather = match &planner.pv_forecast.weather {
+        Some(w) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+            let fetched = runtime.block_on(site_ems::planner::weather::fetch(&w.url));
+            Some(fetched.map(|body| (body, chrono::Utc::now())))
+        }
+        None => None,
+    };
     let overrides = site_ems::planner::inputs::Overrides {
         import_csv: prices,
         export_csv: export_prices,
         pv_csv: pv,
         load_csv: load,
         horizon_h: horizon,
+        weather,
     };
     let store = match &config.store {
         Some(s) => Some(

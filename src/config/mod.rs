@@ -109,12 +109,37 @@ pub struct PvForecastConfig {
     /// of day); 0 turns the correction off. Needs `store`.
     #[serde(default = "default_learn_days")]
     pub learn_days: u32,
+    /// A weather service's PV or irradiance forecast, used while fresh (with `arrays`).
+    #[serde(default)]
+    pub weather: Option<WeatherConfig>,
     /// A fixed daily curve scaled to this peak (W), the same in every season and place; for
     /// sites without a location.
     #[serde(default)]
     pub peak_w: Option<f64>,
     #[serde(default)]
     pub csv: Option<String>,
+}
+
+/// Where a weather forecast comes from and how often.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeatherConfig {
+    /// `open_meteo` (hourly irradiance) or `forecast_solar` (watts).
+    pub service: crate::planner::weather::Service,
+    /// `https://...`, or a file path.
+    pub url: String,
+    #[serde(default = "default_refresh_min")]
+    pub refresh_min: f64,
+    /// Older than this, the forecast is not used.
+    #[serde(default = "default_stale_after_h")]
+    pub stale_after_h: f64,
+}
+
+fn default_refresh_min() -> f64 {
+    60.0
+}
+fn default_stale_after_h() -> f64 {
+    6.0
 }
 
 /// One PV array.

@@ -319,6 +319,41 @@ fn pv_arrays(c: &SiteConfig, p: &super::PlannerConfig, r: &mut Report) {
             "metres above sea level",
         );
     }
+    if let Some(w) = &f.weather {
+        let at = |field: &str| path!["planner", "pv_forecast", "weather", field];
+        if f.arrays.is_empty() {
+            r.err(
+                path!["planner", "pv_forecast", "weather"],
+                "a weather forecast needs the PV arrays",
+                "describe the arrays (kwp, tilt_deg, azimuth_deg): irradiance goes onto them",
+            );
+        }
+        in_range(
+            r,
+            at("refresh_min"),
+            "refresh_min",
+            w.refresh_min,
+            5.0,
+            1440.0,
+            "fetch hourly: 60",
+        );
+        in_range(
+            r,
+            at("stale_after_h"),
+            "stale_after_h",
+            w.stale_after_h,
+            0.5,
+            168.0,
+            "use a forecast up to 6 h old",
+        );
+        if w.url.trim().is_empty() {
+            r.err(
+                at("url"),
+                "the weather forecast has no url",
+                "give an https:// URL or a file path",
+            );
+        }
+    }
     if f.learn_days > 365 {
         r.err(
             path!["planner", "pv_forecast", "learn_days"],

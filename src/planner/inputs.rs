@@ -7,6 +7,7 @@ use chrono_tz::Tz;
 
 use super::pv_correction::Correction;
 use super::series::Series;
+use super::weather::WeatherForecast;
 use super::{Battery, PlanInputs, Sources};
 use crate::config::{
     LimitMode, LoadForecastConfig, PlannerConfig, PriceSource, PvForecastConfig, SiteConfig,
@@ -22,6 +23,8 @@ pub struct Overrides {
     pub pv_csv: Option<String>,
     pub load_csv: Option<String>,
     pub horizon_h: Option<f64>,
+    /// The latest weather forecast fetched (its text and when), or why the fetch failed.
+    pub weather: Option<Result<(String, DateTime<Utc>), String>>,
 }
 
 enum Source {
@@ -73,6 +76,8 @@ enum PvModel {
         linke: f64,
         /// Learnt from the site's history, when there is some.
         correction: Option<Box<Correction>>,
+        /// A fresh weather forecast, used where it covers a step.
+        weather: Option<Box<WeatherForecast>>,
     },
     /// A fixed daily curve scaled to a peak.
     Curve(f64),
@@ -104,13 +109,57 @@ impl PvModel {
                 arrays,
                 linke,
                 correction,
-            } => {
-                let clear = clear_sky_w(*place, arrays, *linke, mid);
-                clear * correction.as_ref().map_or(1.0, |c| c.factor(mid, tz))
-            }
+                weather,
+            } => match weather.as_ref().and_then(|w| w.at(mid)) {
+                Some(w) => w,
+                None => {
+                    let clear = clear_sky_w(*place, arrays, *linke, mid);
+                    clear * correction.as_ref().map_or(1.0, |c| c.factor(mid, tz))
+                }
+            },
             PvModel::Curve(peak) => peak * clear_sky(mid.with_timezone(&tz).naive_local()),
         })
     }
+}
+
+/// The weather forecast to use, if any is configured, fetched, readable and fresh; and the
+/// sources line that says so (and why not, when not).
+fn weather_forecast(
+    p: &PvForecastConfig,
+    fetched: Option<&Result<(String, DateTime<Utc>), String>>,
+    now: DateTime<Utc>,
+    place: crate::sky::Place,
+    arrays: &[(crate::sky::Array, f64)],
+    tz: Tz,
+    clear: String,
+) -> (Option<WeatherForecast>, String) {
+    let Some(cfg) = &p.weather else {
+        return (None, clear);
+    };
+    let name = cfg.service.as_str();
+    let why_not = match fetched {
+        None => "not fetched yet".to_string(),
+        Some(Err(e)) => format!("fetch failed: {e}"),
+        Some(Ok((_, at))) if (now - *at).num_seconds() as f64 > cfg.stale_after_h * 3600.0 => {
+            format!("stale, fetched {}", at.to_rfc3339())
+        }
+        Some(Ok((body, at))) => match super::weather::parse(cfg.service, body, place, arrays, tz) {
+            Ok(points) => {
+                let f = WeatherForecast {
+                    service: cfg.service,
+                    fetched_at: *at,
+                    points,
+                };
+                let source = format!(
+                    "{name} forecast fetched {} where it covers a step; elsewhere {clear}",
+                    at.to_rfc3339()
+                );
+                return (Some(f), source);
+            }
+            Err(e) => format!("unreadable: {e}"),
+        },
+    };
+    (None, format!("{clear} ({name} forecast {why_not})"))
 }
 
 /// The arrays' clear-sky AC at `t`, each clipped at its limit.
@@ -133,6 +182,8 @@ fn pv_source(
     p: &PvForecastConfig,
     csv_override: Option<&String>,
     history: Option<(&Store, DateTime<Utc>)>,
+    weather: Option<&Result<(String, DateTime<Utc>), String>>,
+    now: DateTime<Utc>,
 ) -> Result<(PvModel, String), String> {
     if let Some(path) = csv_override.or(p.csv.as_ref()) {
         let s = Series::read_csv(path)?;
@@ -176,18 +227,20 @@ fn pv_source(
                 )
             })
             .unwrap_or_default();
-        let source = format!(
+        let clear = format!(
             "clear sky at {:.2}, {:.2} on {} array(s) of {kwp:.1} kWp (Linke turbidity {linke}){learnt}",
             loc.latitude,
             loc.longitude,
             p.arrays.len()
         );
+        let (weather, source) = weather_forecast(p, weather, now, place, &arrays, tz, clear);
         return Ok((
             PvModel::Sky {
                 place,
                 arrays,
                 linke,
                 correction,
+                weather: weather.map(Box::new),
             },
             source,
         ));
@@ -286,6 +339,8 @@ pub fn from_config(
         &p.pv_forecast,
         o.pv_csv.as_ref(),
         store.map(|s| (s, start)),
+        o.weather.as_ref(),
+        start,
     )?;
     let load = load_source(&p.load_forecast, o.load_csv.as_ref(), store)?;
     let (mut from_history, mut history_samples, mut from_fallback) = (0usize, 0u32, 0usize);

@@ -20,6 +20,7 @@ mod publish;
 pub mod pv_correction;
 pub mod series;
 pub mod task;
+pub mod weather;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;

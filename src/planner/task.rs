@@ -54,6 +54,7 @@ pub fn spawn(config: SiteConfig, delay: Duration) -> PlannerHandle {
     let (tx, outcomes) = watch::channel(None);
     let config = Arc::new(config);
     tokio::spawn(async move {
+        let mut weather = Weather::default();
         while let Some(mut request) = rx.recv().await {
             // Only the newest request matters.
             while let Ok(newer) = rx.try_recv() {
@@ -61,11 +62,13 @@ pub fn spawn(config: SiteConfig, delay: Duration) -> PlannerHandle {
             }
             let seq = request.seq;
             let config = config.clone();
+            weather.refresh(&config, request.time).await;
+            let forecast = weather.latest.clone();
             let solved = tokio::task::spawn_blocking(move || {
                 if !delay.is_zero() {
                     std::thread::sleep(delay);
                 }
-                plan(&config, &request)
+                plan(&config, &request, forecast)
             })
             .await;
             let result = match solved {
@@ -80,8 +83,48 @@ pub fn spawn(config: SiteConfig, delay: Duration) -> PlannerHandle {
     PlannerHandle { requests, outcomes }
 }
 
+/// The weather forecast as the planner task keeps it: fetched every `refresh_min`, the last
+/// good one kept until a newer one comes (the inputs drop it once stale).
+#[derive(Default)]
+struct Weather {
+    latest: Option<Result<(String, DateTime<Utc>), String>>,
+    fetched: Option<std::time::Instant>,
+}
+
+impl Weather {
+    async fn refresh(&mut self, config: &SiteConfig, now: DateTime<Utc>) {
+        let Some(w) = config
+            .planner
+            .as_ref()
+            .and_then(|p| p.pv_forecast.weather.as_ref())
+        else {
+            return;
+        };
+        let due = self
+            .fetched
+            .is_none_or(|t| t.elapsed().as_secs_f64() >= w.refresh_min * 60.0);
+        if !due {
+            return;
+        }
+        self.fetched = Some(std::time::Instant::now());
+        match super::weather::fetch(&w.url).await {
+            Ok(body) => self.latest = Some(Ok((body, now))),
+            Err(e) => {
+                tracing::warn!("weather forecast not fetched: {e}");
+                if !matches!(self.latest, Some(Ok(_))) {
+                    self.latest = Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
 /// One plan, inputs read here (files, history), off the loop.
-fn plan(config: &SiteConfig, r: &PlanRequest) -> Result<Plan, String> {
+fn plan(
+    config: &SiteConfig,
+    r: &PlanRequest,
+    weather: Option<Result<(String, DateTime<Utc>), String>>,
+) -> Result<Plan, String> {
     let p = config
         .planner
         .as_ref()
@@ -98,7 +141,10 @@ fn plan(config: &SiteConfig, r: &PlanRequest) -> Result<Plan, String> {
         p,
         r.time,
         &r.soc_pct,
-        &Default::default(),
+        &super::inputs::Overrides {
+            weather,
+            ..Default::default()
+        },
         store.as_ref(),
     )?;
     inputs.dr_limits_w = dr_step_limits(config, &r.dr_events, &inputs);
