@@ -190,7 +190,7 @@ async fn plan_api_serves_the_current_plan() {
 }
 
 /// One simulated day on the demo site; returns what the grid meter's flows cost.
-async fn day_cost(mode: WorkingMode) -> f64 {
+async fn day_cost(mode: WorkingMode) -> (f64, Option<site_ems::planner::score::ForecastQuality>) {
     let mut c = fast_site("sites/demo.yaml");
     c.control.cycle_ms = 5000;
     c.control.stale_after_s = 15.0;
@@ -214,13 +214,17 @@ async fn day_cost(mode: WorkingMode) -> f64 {
         } * dt_h
             / 1000.0;
     }
-    cost
+    let quality = l
+        .ems
+        .status()
+        .and_then(|s| s.plan.as_ref().map(|p| p.forecast_quality.clone()));
+    (cost, quality)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_day_under_the_plan_costs_less_than_self_consumption() {
-    let self_use = day_cost(WorkingMode::SelfConsumption).await;
-    let planned = day_cost(WorkingMode::Plan).await;
+    let (self_use, _) = day_cost(WorkingMode::SelfConsumption).await;
+    let (planned, quality) = day_cost(WorkingMode::Plan).await;
     println!("simulated day on the demo site: self-consumption {self_use:.2}, plan {planned:.2}, saving {:.2} ({:.1} %)",
         self_use - planned, (self_use - planned) / self_use * 100.0);
     // The plan buys the cheap night rate and covers the evening peak; self-consumption only
@@ -229,6 +233,15 @@ async fn a_day_under_the_plan_costs_less_than_self_consumption() {
         planned < self_use - 5.0,
         "plan {planned:.2} vs self-consumption {self_use:.2}"
     );
+    // Forecast quality over the day: every step scored against what the site measured (PV
+    // counted with what the setpoints held back under the 0 W export limit). The load profile
+    // in the site file was taken from the simulated load, so its bias is near zero.
+    let today = quality.and_then(|q| q.today).expect("a scored day");
+    println!("forecast quality on {}: {} steps, PV MAE {:.0} W bias {:.0} W, load MAE {:.0} W bias {:.0} W",
+        today.day, today.steps, today.pv_mae_w, today.pv_bias_w, today.load_mae_w, today.load_bias_w);
+    assert!(today.steps >= 90, "{} steps scored", today.steps);
+    assert!(today.pv_mae_w.is_finite() && today.pv_mae_w > 0.0);
+    assert!(today.load_bias_w.abs() < 2000.0 && today.load_mae_w < 5000.0);
 }
 
 #[test]

@@ -18,6 +18,7 @@ pub mod inputs;
 mod lp;
 mod publish;
 pub mod pv_correction;
+pub mod score;
 pub mod series;
 pub mod task;
 pub mod weather;

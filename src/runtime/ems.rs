@@ -71,6 +71,35 @@ pub struct Ems {
     history: Option<History>,
     writer: Option<Writer>,
     out: Outputs,
+    forecast_score: crate::planner::score::ForecastScore,
+    tz: chrono_tz::Tz,
+}
+
+/// The site's load, PV and grid power this cycle, W, while the grid meter is fresh. PV is
+/// what the sun gave: what the units made plus what the setpoints held back to keep the
+/// limits, so that forecasts are scored (and learnt) against the sky, not against the
+/// export limit.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    load_w: f64,
+    pv_w: f64,
+    grid_w: f64,
+}
+
+fn measured_site(s: &status::Status) -> Option<Measured> {
+    let grid = s.grid.power_w?;
+    let held_back = s.control.as_ref().map_or(0.0, |c| c.curtailed_w.max(0.0));
+    let pv_meter: f64 = s
+        .meters
+        .iter()
+        .filter(|m| m.role == MeterRole::Pv.as_str())
+        .filter_map(|m| m.power_w)
+        .sum();
+    Some(Measured {
+        load_w: (grid + s.fleet.ac_power_w + pv_meter).max(0.0),
+        pv_w: (s.fleet.pv_power_w + pv_meter + held_back).max(0.0),
+        grid_w: grid,
+    })
 }
 
 /// The DR book as stored, read before the first cycle so that events in force after a
@@ -221,6 +250,8 @@ impl Ems {
                 },
             },
             clock,
+            forecast_score: Default::default(),
+            tz: config.site.timezone.parse().unwrap_or(chrono_tz::UTC),
             config,
         };
         (ems, app)
@@ -345,7 +376,12 @@ impl Ems {
             .as_ref()
             .map(|p| p.status(now, time, following));
         status.dr = Some(self.demand.status());
-        self.record_history(&status, time);
+        let measured = measured_site(&status);
+        self.score_forecasts(now, time, measured);
+        if let Some(p) = status.plan.as_mut() {
+            p.forecast_quality = self.forecast_score.quality();
+        }
+        self.record_history(measured, time);
         let took = started.elapsed();
         let stats = &mut self.out.stats;
         stats.last_ms = took.as_secs_f64() * 1000.0;
@@ -377,24 +413,33 @@ impl Ems {
     }
 
     /// One value a cycle towards the minute's history row, while the grid meter is fresh.
-    fn record_history(&mut self, s: &status::Status, time: chrono::DateTime<chrono::Utc>) {
-        let Some(h) = self.history.as_mut() else {
+    fn record_history(&mut self, measured: Option<Measured>, time: chrono::DateTime<chrono::Utc>) {
+        let (Some(h), Some(m)) = (self.history.as_mut(), measured) else {
             return;
         };
-        let Some(grid) = s.grid.power_w else {
-            return;
-        };
-        let pv_meter: f64 = s
-            .meters
-            .iter()
-            .filter(|m| m.role == MeterRole::Pv.as_str())
-            .filter_map(|m| m.power_w)
-            .sum();
-        let load = grid + s.fleet.ac_power_w + pv_meter;
-        let pv = s.fleet.pv_power_w + pv_meter;
-        if let Some((minute, values)) = h.minute.add(time, [load.max(0.0), pv.max(0.0), grid]) {
+        if let Some((minute, values)) = h.minute.add(time, [m.load_w, m.pv_w, m.grid_w]) {
             h.writer.sample(minute, values);
         }
+    }
+
+    /// The plan step in force and what the site measured, towards the forecasts' score.
+    fn score_forecasts(
+        &mut self,
+        now: Duration,
+        time: chrono::DateTime<chrono::Utc>,
+        measured: Option<Measured>,
+    ) {
+        let plan = self.planning.as_ref().and_then(|p| p.fresh_plan(now));
+        let step = plan.and_then(|p| p.step_at(time));
+        let cycle_s = self.config.control.cycle_ms as f64 / 1000.0;
+        let cycle = crate::planner::score::Cycle {
+            step_start: step.and_then(|s| s.start.parse().ok()),
+            forecast_pv_w: step.map_or(0.0, |s| s.pv_w),
+            forecast_load_w: step.map_or(0.0, |s| s.load_w),
+            measured: measured.map(|m| (m.pv_w, m.load_w)),
+            cycles_per_step: plan.map_or(1.0, |p| p.step_s / cycle_s.max(0.001)),
+        };
+        self.forecast_score.observe(&cycle, self.tz);
     }
 
     /// Compare each unit's battery with what it was told last cycle; a unit off for too

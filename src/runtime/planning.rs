@@ -206,6 +206,7 @@ impl Planning {
             battery_w: step.map(|s| s.batteries.iter().map(|b| b.power_w).sum()),
             solves: self.solves,
             solving: self.in_flight.is_some(),
+            forecast_quality: Default::default(),
         }
     }
 }

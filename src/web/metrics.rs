@@ -54,6 +54,7 @@ pub struct Metrics {
     plan_solve: GaugeVec,
     plan_objective: GaugeVec,
     plan_cost: GaugeVec,
+    forecast_error: GaugeVec,
     plan_baseline_cost: GaugeVec,
     plan_age: GaugeVec,
     plan_price: GaugeVec,
@@ -149,6 +150,7 @@ impl Metrics {
             plan_solve: gauge(&r, "ems_plan_solve_seconds", "Time the last successful plan took to solve.", &[]),
             plan_objective: gauge(&r, "ems_plan_objective", "The LP objective of the plan in force (cost, cycling and SOC penalties, less the value of energy left).", &[]),
             plan_cost: gauge(&r, "ems_plan_cost", "Energy cost of the plan in force over its horizon, in the tariff's currency.", &[]),
+            forecast_error: gauge(&r, "ems_forecast_error_watts", "Today's forecast error against what was measured, per plan step: mean absolute error and bias (forecast - measured); NaN until a step is scored.", &["quantity", "stat"]),
             plan_baseline_cost: gauge(&r, "ems_plan_baseline_cost", "Energy cost over the same horizon without batteries.", &[]),
             plan_age: gauge(&r, "ems_plan_age_seconds", "Seconds since the plan in force was made.", &[]),
             plan_price: gauge(&r, "ems_plan_price_per_kwh", "Price of the plan's current step, by direction.", &["direction"]),
@@ -352,6 +354,18 @@ impl Metrics {
             set_or_clear(&self.plan_price, &["import"], p.import_price);
             set_or_clear(&self.plan_price, &["export"], p.export_price);
             set_or_clear(&self.plan_battery, NO_LABELS, p.battery_w);
+            let today = p.forecast_quality.today.as_ref();
+            for (quantity, stat, v) in [
+                ("pv", "mae", today.map(|d| d.pv_mae_w)),
+                ("pv", "bias", today.map(|d| d.pv_bias_w)),
+                ("load", "mae", today.map(|d| d.load_mae_w)),
+                ("load", "bias", today.map(|d| d.load_bias_w)),
+            ] {
+                // Always shown, so the dashboard has the series from the start.
+                self.forecast_error
+                    .with_label_values(&[quantity, stat])
+                    .set(v.unwrap_or(f64::NAN));
+            }
         }
         for (gauge, limit) in [
             (&self.export_limit, Some(&s.export_limit)),

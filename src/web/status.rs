@@ -160,6 +160,8 @@ pub struct PlanStatus {
     pub solves: u64,
     /// A solve is under way in the planner's task.
     pub solving: bool,
+    /// The plan's PV and load forecasts against what was measured, per day.
+    pub forecast_quality: crate::planner::score::ForecastQuality,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
