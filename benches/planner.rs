@@ -90,6 +90,7 @@ fn like(batteries: usize, steps: usize) -> PlanInputs {
         soc_penalty_per_kwh: 10.0,
         terminal_value_per_kwh: None,
         time_limit_s: 30.0,
+        pv_from: Vec::new(),
         sources: Sources {
             import_price: "bench".into(),
             export_price: "bench".into(),

@@ -97,6 +97,18 @@ async fn weather_forecasts_become_the_plans_pv_and_a_failing_one_falls_back() {
     println!("12:15 GMT under the cloud: {cloud:.0} W, clear sky {sunny:.0} W");
     assert!(cloud < 0.5 * sunny, "{cloud} vs {sunny}");
     assert!(pv_at(&om, "2026-06-21T10:00:00Z") > 0.8 * pv_at(&clear, "2026-06-21T10:00:00Z"));
+    // Each step says where its PV came from: the forecast covers 00:30–23:30 GMT.
+    let from = |plan: &Value, start: &str| {
+        plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["start"] == start)
+            .unwrap()["pv_source"]
+            .clone()
+    };
+    assert_eq!(from(&om, "2026-06-21T12:15:00Z"), "weather");
+    assert_eq!(from(&om, "2026-06-20T23:00:00Z"), "clear_sky");
 
     // forecast.solar: 12.5 kW flat from 10:00 to 14:00 BST (09:00–13:00 UTC).
     let fs = plan_with(Some(format!(

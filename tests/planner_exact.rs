@@ -53,6 +53,7 @@ fn day(steps: usize, batteries: Vec<Battery>) -> PlanInputs {
         soc_penalty_per_kwh: 10.0,
         terminal_value_per_kwh: Some(0.0),
         time_limit_s: 30.0,
+        pv_from: Vec::new(),
         sources: Sources {
             import_price: "test".into(),
             export_price: "test".into(),

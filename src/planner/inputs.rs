@@ -96,14 +96,17 @@ impl PvModel {
         }
     }
 
-    /// Mean AC power over the step starting at `t`, taken at its middle.
-    fn at(&self, t: DateTime<Utc>, step_s: f64, tz: Tz) -> Result<f64, String> {
+    /// Mean AC power over the step starting at `t`, taken at its middle, and where it came
+    /// from.
+    fn at(&self, t: DateTime<Utc>, step_s: f64, tz: Tz) -> Result<(f64, &'static str), String> {
         let mid = t + chrono::Duration::seconds((step_s / 2.0) as i64);
         Ok(match self {
-            PvModel::Csv(s) => s
-                .at(t)
-                .ok_or_else(|| format!("{}: no PV value for {}", s.source, t.to_rfc3339()))?
-                .max(0.0),
+            PvModel::Csv(s) => (
+                s.at(t)
+                    .ok_or_else(|| format!("{}: no PV value for {}", s.source, t.to_rfc3339()))?
+                    .max(0.0),
+                "csv",
+            ),
             PvModel::Sky {
                 place,
                 arrays,
@@ -111,13 +114,19 @@ impl PvModel {
                 correction,
                 weather,
             } => match weather.as_ref().and_then(|w| w.at(mid)) {
-                Some(w) => w,
+                Some(w) => (w, "weather"),
                 None => {
                     let clear = clear_sky_w(*place, arrays, *linke, mid);
-                    clear * correction.as_ref().map_or(1.0, |c| c.factor(mid, tz))
+                    (
+                        clear * correction.as_ref().map_or(1.0, |c| c.factor(mid, tz)),
+                        "clear_sky",
+                    )
                 }
             },
-            PvModel::Curve(peak) => peak * clear_sky(mid.with_timezone(&tz).naive_local()),
+            PvModel::Curve(peak) => (
+                peak * clear_sky(mid.with_timezone(&tz).naive_local()),
+                "curve",
+            ),
         })
     }
 }
@@ -372,6 +381,7 @@ pub fn from_config(
         soc_penalty_per_kwh: p.soc_penalty_per_kwh,
         terminal_value_per_kwh: p.terminal_value_per_kwh,
         time_limit_s: p.solve_time_limit_s,
+        pv_from: Vec::with_capacity(n),
         sources: Sources {
             import_price: imp_src,
             export_price: exp_src,
@@ -388,7 +398,9 @@ pub fn from_config(
         inputs
             .export_price
             .push(value_at(&exp, t, tz, "export price")?);
-        inputs.pv_w.push(pv.at(t, step_s, tz)?);
+        let (pv_w, from) = pv.at(t, step_s, tz)?;
+        inputs.pv_w.push(pv_w);
+        inputs.pv_from.push(from);
         inputs.load_w.push(match &load {
             LoadSource::Csv(s) => s
                 .at(t)

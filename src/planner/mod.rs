@@ -77,6 +77,9 @@ pub struct PlanInputs {
     pub terminal_value_per_kwh: Option<f64>,
     pub time_limit_s: f64,
     pub sources: Sources,
+    /// Where each step's PV forecast came from (`weather`, `clear_sky`, `csv`, `curve`);
+    /// empty when not told.
+    pub pv_from: Vec<&'static str>,
 }
 
 impl PlanInputs {
@@ -118,6 +121,9 @@ pub struct PlanStep {
     pub import_price: f64,
     pub export_price: f64,
     pub pv_w: f64,
+    /// Where `pv_w` came from: `weather`, `clear_sky`, `csv` or `curve`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pv_source: Option<&'static str>,
     pub load_w: f64,
     /// + import.
     pub grid_w: f64,

@@ -80,6 +80,7 @@ pub fn solve(i: &PlanInputs) -> Result<Plan, PlanError> {
                 import_price: i.import_price[t],
                 export_price: i.export_price[t],
                 pv_w: i.pv_w[t],
+                pv_source: i.pv_from.get(t).copied(),
                 load_w: i.load_w[t],
                 grid_w: import - export,
                 curtailed_w: f.curtail_site_w[t] + f.curtail_w.iter().map(|c| c[t]).sum::<f64>(),

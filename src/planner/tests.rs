@@ -37,6 +37,7 @@ fn inputs(prices: impl Fn(usize) -> f64) -> PlanInputs {
         soc_penalty_per_kwh: 10.0,
         terminal_value_per_kwh: None,
         time_limit_s: 10.0,
+        pv_from: Vec::new(),
         sources: Sources {
             import_price: "test".into(),
             export_price: "test".into(),
