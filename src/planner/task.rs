@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use super::Plan;
 use crate::config::SiteConfig;
 use crate::dr::{DrEvent, LevelLimits};
+use crate::store::writer::Writer;
 use crate::store::Store;
 
 /// What the loop asks for: a plan from `time`, starting at the measured SOC, with the
@@ -49,12 +50,12 @@ impl PlannerHandle {
 
 /// Start the planner task for `config` (which must have a `planner:` section). `delay` is
 /// added to every solve: tests use it to stand for a slow solve.
-pub fn spawn(config: SiteConfig, delay: Duration) -> PlannerHandle {
+pub fn spawn(config: SiteConfig, delay: Duration, writer: Option<Writer>) -> PlannerHandle {
     let (requests, mut rx) = mpsc::unbounded_channel::<PlanRequest>();
     let (tx, outcomes) = watch::channel(None);
     let config = Arc::new(config);
     tokio::spawn(async move {
-        let mut weather = Weather::default();
+        let mut weather = Weather::from_store(&config, writer);
         while let Some(mut request) = rx.recv().await {
             // Only the newest request matters.
             while let Ok(newer) = rx.try_recv() {
@@ -89,9 +90,27 @@ pub fn spawn(config: SiteConfig, delay: Duration) -> PlannerHandle {
 struct Weather {
     latest: Option<Result<(String, DateTime<Utc>), String>>,
     fetched: Option<std::time::Instant>,
+    /// Where each forecast fetched is kept for the next start.
+    store: Option<Writer>,
 }
 
 impl Weather {
+    /// The forecast an earlier run kept, if any (it is still only used while fresh).
+    fn from_store(config: &SiteConfig, store: Option<Writer>) -> Weather {
+        let kept = config.store.as_ref().and_then(|s| {
+            Store::open(&PathBuf::from(&s.path))
+                .and_then(|st| st.weather())
+                .map_err(|e| tracing::warn!("no stored weather forecast: {e}"))
+                .ok()
+                .flatten()
+        });
+        Weather {
+            latest: kept.map(Ok),
+            fetched: None,
+            store,
+        }
+    }
+
     async fn refresh(&mut self, config: &SiteConfig, now: DateTime<Utc>) {
         let Some(w) = config
             .planner
@@ -108,7 +127,12 @@ impl Weather {
         }
         self.fetched = Some(std::time::Instant::now());
         match super::weather::fetch(&w.url).await {
-            Ok(body) => self.latest = Some(Ok((body, now))),
+            Ok(body) => {
+                if let Some(w) = &self.store {
+                    w.weather(now.timestamp(), body.clone());
+                }
+                self.latest = Some(Ok((body, now)));
+            }
             Err(e) => {
                 tracing::warn!("weather forecast not fetched: {e}");
                 if !matches!(self.latest, Some(Ok(_))) {

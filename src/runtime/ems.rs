@@ -208,7 +208,8 @@ impl Ems {
             }
         });
         let planning = config.planner.clone().map(|p| {
-            let handle = crate::planner::task::spawn(config.clone(), options.plan_delay);
+            let handle =
+                crate::planner::task::spawn(config.clone(), options.plan_delay, writer.clone());
             Planning::new(p, config.working_mode.mode, handle)
         });
         let cycle = Duration::from_millis(config.control.cycle_ms);

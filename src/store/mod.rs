@@ -33,6 +33,11 @@ const SCHEMA: &str = "
         event TEXT NOT NULL,   -- the event as JSON
         state TEXT NOT NULL
     );
+    CREATE TABLE IF NOT EXISTS weather (
+        id INTEGER PRIMARY KEY CHECK (id = 1),  -- the latest forecast only
+        fetched INTEGER NOT NULL,               -- unix seconds
+        body TEXT NOT NULL                      -- the service's response as fetched
+    );
     CREATE TABLE IF NOT EXISTS mqtt_outbox (
         key TEXT PRIMARY KEY,        -- event id and status: one ack each
         ack TEXT NOT NULL            -- the ack as JSON, until the broker has confirmed it
@@ -153,6 +158,20 @@ impl Store {
         Ok(out)
     }
 
+    /// The latest weather forecast fetched, and when.
+    pub fn weather(&self) -> rusqlite::Result<Option<(String, DateTime<Utc>)>> {
+        let row = self
+            .conn
+            .query_row("SELECT body, fetched FROM weather WHERE id = 1", [], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            });
+        match row {
+            Ok((body, at)) => Ok(DateTime::<Utc>::from_timestamp(at, 0).map(|t| (body, t))),
+            Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Acks for the aggregator the broker has not confirmed yet, oldest first (JSON).
     pub fn outbox(&self) -> rusqlite::Result<Vec<String>> {
         let mut q = self
@@ -230,6 +249,14 @@ fn write_originals(
         )?;
     }
     tx.commit()
+}
+
+fn write_weather(conn: &Connection, fetched: i64, body: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO weather (id, fetched, body) VALUES (1, ?1, ?2)",
+        params![fetched, body],
+    )?;
+    Ok(())
 }
 
 fn write_outbox(conn: &Connection, key: &str, ack: Option<&str>) -> rusqlite::Result<()> {

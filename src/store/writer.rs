@@ -42,6 +42,11 @@ enum Op {
         device: String,
         values: Option<Vec<(u16, u16)>>,
     },
+    /// The latest weather forecast, replacing the one before.
+    Weather {
+        fetched: i64,
+        body: String,
+    },
     /// An ack waiting for the broker (`None`: the broker has it, forget it).
     Outbox {
         key: String,
@@ -99,6 +104,11 @@ impl Writer {
             device: device.to_string(),
             values,
         });
+    }
+
+    /// Keep the latest weather forecast, so a restart has one before its first fetch.
+    pub fn weather(&self, fetched: i64, body: String) {
+        self.send(Op::Weather { fetched, body });
     }
 
     /// Keep an ack for the aggregator until the broker confirms it (`None`: it has). Never
@@ -345,6 +355,7 @@ impl Worker {
                 super::write_originals(conn, device, values.as_deref())
             }
             Op::Outbox { key, ack } => super::write_outbox(conn, key, ack.as_deref()),
+            Op::Weather { fetched, body } => super::write_weather(conn, *fetched, body),
             Op::Flush(_) => Ok(()),
         };
         match result {
@@ -359,7 +370,8 @@ impl Worker {
             Op::Sample { .. }
             | Op::Event { waiting: None, .. }
             | Op::Originals { .. }
-            | Op::Outbox { .. } => {
+            | Op::Outbox { .. }
+            | Op::Weather { .. } => {
                 self.stats.written.fetch_add(1, Ordering::Relaxed);
             }
             Op::Event {
@@ -418,5 +430,18 @@ mod tests {
         assert_eq!(s.count().unwrap(), 1, "the row queued during the lock");
         let ids: Vec<String> = s.dr_events().unwrap().into_iter().map(|e| e.id).collect();
         assert_eq!(ids, ["before"], "the refused event was never written");
+    }
+
+    #[tokio::test]
+    async fn the_latest_weather_forecast_is_kept_for_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let w = Writer::start(&path);
+        w.weather(1_000, "first".into());
+        w.weather(2_000, "second".into());
+        w.flush(Duration::from_secs(5)).await.unwrap();
+        let s = super::super::Store::open(&path).unwrap();
+        let (body, at) = s.weather().unwrap().expect("a forecast kept");
+        assert_eq!((body.as_str(), at.timestamp()), ("second", 2_000));
     }
 }
