@@ -21,3 +21,10 @@ pub mod sky;
 pub mod solar;
 pub mod store;
 pub mod web;
+
+/// Make TLS usable: rustls needs one crypto provider for the process, and the MQTT client
+/// and the HTTP client each compile in a different one, so it cannot pick by itself. Called
+/// before any TLS connection is set up; later calls do nothing.
+pub fn tls_ready() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

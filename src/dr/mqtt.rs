@@ -127,6 +127,7 @@ fn options(cfg: &MqttConfig, topics: &Topics) -> Result<MqttOptions, String> {
         o.set_credentials(user, password);
     }
     if let Some(ca) = &cfg.ca_file {
+        crate::tls_ready();
         let ca = std::fs::read(ca).map_err(|e| format!("{ca}: {e}"))?;
         o.set_transport(Transport::Tls(TlsConfiguration::Simple {
             ca,

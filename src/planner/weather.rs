@@ -182,6 +182,7 @@ pub async fn fetch(from: &str) -> Result<String, String> {
             .await
             .map_err(|e| format!("{from}: {e}"));
     }
+    crate::tls_ready();
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()
