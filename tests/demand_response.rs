@@ -605,3 +605,51 @@ async fn an_mqtt_cancel_cannot_lift_a_ripple_control_step() {
         "{http:?}"
     );
 }
+
+/// The README's demand-response example, as printed, against the demo site with
+/// `EMS_DR_TOKEN` set: the event is accepted and in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_dr_example_works_on_the_demo() {
+    let readme = std::fs::read_to_string("README.md").unwrap();
+    let section = &readme[readme
+        .find("Try it on the demo")
+        .expect("the README's DR example")..];
+    let token = section
+        .split("EMS_DR_TOKEN=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the token in the start command");
+    let body = section
+        .split("-d '")
+        .nth(1)
+        .and_then(|s| s.split('\'').next())
+        .expect("the curl body");
+    // The only test that sets it; the demo site reads the token from it at start.
+    std::env::set_var("EMS_DR_TOKEN", token);
+    let h = Harness::start(fast_site("sites/demo.yaml")).await;
+    h.wait_for(
+        Duration::from_secs(20),
+        "a healthy site",
+        common::all_healthy,
+    )
+    .await;
+    let (code, reply) = post(&h, Some(token), body.to_string()).await;
+    assert_eq!(code, 201, "{reply}");
+    let id = serde_json::from_str::<Value>(body).unwrap()["id"].clone();
+    h.wait_for(Duration::from_secs(5), "the event in force", |s| {
+        s["dr"]["constraints"]["export_limit_w"] == 0.0
+            && s["dr"]["constraints"]["active"]
+                .as_array()
+                .is_some_and(|a| a.contains(&id))
+    })
+    .await;
+
+    // Beyond what the fleet can do: refused, naming the range.
+    let too_much = json!({"id": "huge", "start": "2026-06-21T11:00:00Z",
+                          "end": "2026-06-21T12:00:00Z", "fleet_battery_w": 1e12});
+    let (code, reply) = post(&h, Some(token), too_much.to_string()).await;
+    assert_eq!(code, 400, "{reply}");
+    let why = reply["error"].as_str().unwrap_or_default();
+    assert!(why.contains("100000 W (discharge)"), "{reply}");
+    h.stop().await;
+}

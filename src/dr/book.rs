@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::dr::DrEvent;
+use crate::dr::{DrCommand, DrEvent};
 use crate::store::writer::Writer;
 use crate::store::StoredEvent;
 
@@ -114,6 +114,25 @@ pub const GRID_OPERATOR_SOURCES: [&str; 2] = ["dred", "ripple"];
 pub struct Intake {
     pub max_events: usize,
     pub max_per_min: u32,
+    /// What the fleet's batteries can do, W (most charge, most discharge): a
+    /// `fleet_battery_w` outside it is refused, not clamped out of sight later.
+    pub fleet_battery_w: Option<(f64, f64)>,
+}
+
+impl Intake {
+    /// Whether the site can physically do what `command` asks.
+    fn feasible(&self, command: &DrCommand) -> Result<(), BookError> {
+        if let (DrCommand::FleetBatteryW(w), Some((charge, discharge))) =
+            (command, self.fleet_battery_w)
+        {
+            if *w < -charge || *w > discharge {
+                return Err(BookError::Invalid(format!(
+                    "fleet_battery_w {w} W is beyond what the fleet can do: −{charge:.0} W (charge) to {discharge:.0} W (discharge)"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Intake {
@@ -121,6 +140,7 @@ impl Default for Intake {
         Intake {
             max_events: 200,
             max_per_min: 60,
+            fleet_battery_w: None,
         }
     }
 }
@@ -372,7 +392,11 @@ impl SharedBook {
     /// Accept an aggregator's event: checked, written to the store, then in force.
     pub async fn submit(&self, event: DrEvent) -> Result<Entry, BookError> {
         let mut accepted = self.changes.lock().await;
-        if let Err(e) = self.room(&mut accepted) {
+        if let Err(e) = self
+            .intake
+            .feasible(&event.command)
+            .and_then(|()| self.room(&mut accepted))
+        {
             return Err(self.lock().reject(&event, e));
         }
         self.lock().check(&event)?;

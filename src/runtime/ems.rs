@@ -120,6 +120,16 @@ fn load_originals(config: &SiteConfig) -> HashMap<String, Vec<(u16, u16)>> {
         })
 }
 
+/// Most charge and most discharge of the whole fleet, W: each battery within its unit's rating.
+fn fleet_battery_range(config: &SiteConfig) -> (f64, f64) {
+    config.inverters.iter().fold((0.0, 0.0), |(c, d), i| {
+        (
+            c + i.battery.max_charge_w.min(i.rated_power_w),
+            d + i.battery.max_discharge_w.min(i.rated_power_w),
+        )
+    })
+}
+
 /// Acks an earlier run kept because the broker had not confirmed them.
 fn load_outbox(config: &SiteConfig) -> Vec<crate::dr::book::Ack> {
     let Some(s) = &config.store else {
@@ -177,14 +187,16 @@ impl Ems {
             .store
             .as_ref()
             .map(|s| Writer::start(std::path::Path::new(&s.path)));
-        let intake = config
+        let mut intake = config
             .dr
             .as_ref()
             .map(|d| crate::dr::book::Intake {
                 max_events: d.max_events,
                 max_per_min: d.max_events_per_min,
+                fleet_battery_w: None,
             })
             .unwrap_or_default();
+        intake.fleet_battery_w = Some(fleet_battery_range(&config));
         let book = SharedBook::new(load_book(&config), writer.clone()).with_intake(intake);
         let (publish, status_rx) = watch::channel(None);
         let (telemetry, telemetry_rx) = watch::channel(None);
