@@ -1,5 +1,5 @@
 //! Rules a parsed site file must satisfy: value ranges, references between sections, and
-//! the wiring rules of SAJ's configuration guide (DESIGN.md §1).
+//! the wiring rules of SAJ's configuration guide (docs/design.md §1).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

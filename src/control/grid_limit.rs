@@ -1,4 +1,4 @@
-//! Export and import limits at the grid connection (DESIGN.md §4), in all three modes.
+//! Export and import limits at the grid connection (docs/design.md §4), in all three modes.
 //!
 //! The limits narrow what the dispatch asked for. Export is brought back in tiers —
 //! batteries absorb before PV is curtailed, and single-phase units act on their own phase

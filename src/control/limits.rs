@@ -1,4 +1,4 @@
-//! Every export and import limit at the grid connection held at once (DESIGN.md §4), by one
+//! Every export and import limit at the grid connection held at once (docs/design.md §4), by one
 //! small exact solve per cycle.
 //!
 //! Fixing the limits one at a time goes wrong on real sites: raising discharge for an

@@ -1,4 +1,4 @@
-//! Working modes (DESIGN.md §5) as a concern: each narrows a unit's battery window and
+//! Working modes (docs/design.md §5) as a concern: each narrows a unit's battery window and
 //! says what the fleet should aim for.
 
 use chrono::{DateTime, Utc};

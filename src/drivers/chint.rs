@@ -1,4 +1,4 @@
-//! Chint DTSU666 (three-phase) and DDSU666 (single-phase) meters (`modbus-registers.md` §2).
+//! Chint DTSU666 (three-phase) and DDSU666 (single-phase) meters (`docs/registers.md` §2).
 //!
 //! Both answer IEEE-754 float32, two registers, high word first. The DTSU666 sends scaled
 //! floats (0.1 V, 0.001 A, 0.1 W, 0.01 Hz); the DDSU666 sends engineering units with power

@@ -1,5 +1,5 @@
 //! Device drivers: which registers to read, and how to turn them into readings in our units
-//! and signs (DESIGN.md §2). Vendor quirks — scale exponents, float layouts, kW vs W, sign
+//! and signs (docs/design.md §2). Vendor quirks — scale exponents, float layouts, kW vs W, sign
 //! conventions — are converted here and nowhere else. Decoding is pure: register words in,
 //! a reading or a [`DecodeError`] out.
 

@@ -1,10 +1,10 @@
-//! SAJ H2 / HS2 / HS3 hybrid and storage inverters (`modbus-registers.md` §1).
+//! SAJ H2 / HS2 / HS3 hybrid and storage inverters (`docs/registers.md` §1).
 //!
 //! Everything is a holding register (FC03), big-endian, 32-bit values high word first.
 //! Scales are powers of ten (`ratio -1` → ×0.1). Sign conventions that the vendor documents
 //! (`0x40A6` battery + discharge, `0x40AD` grid + import) are taken as documented; the
 //! per-phase grid-port powers (`0x4035`…) have no documented sign and are read as
-//! + = delivered by the inverter (register reference, Appendix B item 2).
+//! + = delivered by the inverter (still to be checked on real hardware).
 
 use chrono::NaiveDate;
 use chrono::NaiveDateTime;
