@@ -811,13 +811,13 @@ mod tests {
 
     #[test]
     fn ratio_column_is_a_power_of_ten() {
-        // [SAJ-PDF] p.3: PV1Volt raw 3005 with ratio -1 is 300.5 V.
+        // SAJ's Modbus protocol document: PV1Volt raw 3005 with ratio -1 is 300.5 V.
         assert!((scaled(3005.0, -1) - 300.5).abs() < 1e-9);
     }
 
     #[test]
     fn clock_matches_the_reference_example() {
-        // [SAJ-PDF]: 07DF 01 02 0A 0B 0C 00 = 2015-01-02 10:11:12.
+        // SAJ's Modbus protocol document: 07DF 01 02 0A 0B 0C 00 = 2015-01-02 10:11:12.
         let t = decode_clock(&[0x07DF, 0x0102, 0x0A0B, 0x0C00]).unwrap();
         assert_eq!(t.to_string(), "2015-01-02 10:11:12");
         assert_eq!(encode_clock(t), [0x07DF, 0x0102, 0x0A0B, 0x0C00]);

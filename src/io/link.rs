@@ -314,7 +314,7 @@ mod tests {
 
     #[test]
     fn wire_time_matches_the_worked_example() {
-        // grid-codes §6.3: a 60-register read at 9600 baud is about 160 ms on the wire.
+        // a 60-register read at 9600 baud is about 160 ms on the wire.
         let (req, resp) = rtu_frame_bytes(Frame::Read(60), false);
         let t = rtu_wire_time(9600, req, resp).as_secs_f64();
         assert!((t - 0.160).abs() < 0.002, "{t}");
