@@ -366,7 +366,7 @@ fn plan(command: Command) -> Result<(), String> {
         );
         return Ok(());
     }
-    let tz: chrono_tz::Tz = config.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+    let tz: chrono_tz::Tz = config.site.timezone.tz();
     println!(
         "{:<16} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>6}",
         "start", "import", "export", "pv_w", "load_w", "grid_w", "battery_w", "soc_%"

@@ -402,7 +402,7 @@ fn overnight_windows_agree_between_planner_and_guard_loop_across_dst() {
     ];
     for (d, day) in DAYS.iter().enumerate() {
         let mut c = base.clone();
-        c.site.timezone = "Europe/Berlin".into();
+        c.site.timezone = chrono_tz::Europe::Berlin.into();
         let mut p = c.planner.clone().unwrap();
         p.horizon_h = 168.0;
         let tariff = p

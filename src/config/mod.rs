@@ -407,11 +407,43 @@ fn default_soc_penalty() -> f64 {
 #[serde(deny_unknown_fields)]
 pub struct SiteInfo {
     pub name: String,
-    /// IANA name, e.g. `Europe/London`; time-of-use windows are read in it.
-    pub timezone: String,
+    /// IANA name, e.g. `Europe/London`; time-of-use windows are read in it. Parsed once, at
+    /// load: an unknown name is a located error, never a default later.
+    pub timezone: SiteTz,
     /// Where the site is: the sun's path for the PV forecast and the simulator.
     #[serde(default)]
     pub location: Option<LocationConfig>,
+}
+
+/// The site's time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct SiteTz(pub chrono_tz::Tz);
+
+impl TryFrom<String> for SiteTz {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<SiteTz, String> {
+        s.parse()
+            .map(SiteTz)
+            .map_err(|_| format!("unknown timezone `{s}`"))
+    }
+}
+
+impl From<chrono_tz::Tz> for SiteTz {
+    fn from(tz: chrono_tz::Tz) -> SiteTz {
+        SiteTz(tz)
+    }
+}
+
+impl SiteTz {
+    pub fn tz(self) -> chrono_tz::Tz {
+        self.0
+    }
+
+    pub fn name(self) -> &'static str {
+        self.0.name()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -1103,6 +1135,15 @@ impl SiteConfig {
                 Some(i) => message[..i].to_string(),
                 None => message,
             };
+            // A value refused by its own type is reported at the mapping around it; point at
+            // the value itself.
+            let (line, col, message) = match message.split_once(": unknown timezone") {
+                Some((_, rest)) => {
+                    let (l, c) = Locator::new(text).locate(&crate::path!["site", "timezone"]);
+                    (l, c, format!("unknown timezone{rest}"))
+                }
+                None => (line, col, message),
+            };
             ConfigErrors(vec![ConfigError {
                 file: file.to_string(),
                 line,
@@ -1145,6 +1186,8 @@ fn parse_hint(message: &str) -> String {
         "add the field named in the message".into()
     } else if message.contains("unknown variant") {
         "use one of the values the message lists".into()
+    } else if message.contains("unknown timezone") {
+        "use an IANA timezone name such as Europe/London or Australia/Sydney".into()
     } else if message.contains("is not a time of day") {
         "write the time as HH:MM in the site timezone, e.g. 01:30".into()
     } else if message.contains("invalid type") {

@@ -605,13 +605,6 @@ fn site_and_grid(c: &SiteConfig, r: &mut Report) {
             "give the site a name",
         );
     }
-    if c.site.timezone.parse::<chrono_tz::Tz>().is_err() {
-        r.err(
-            path!["site", "timezone"],
-            format!("unknown timezone `{}`", c.site.timezone),
-            "use an IANA timezone name such as Europe/London or Australia/Sydney",
-        );
-    }
     if c.grid.phases != 1 && c.grid.phases != 3 {
         r.err(
             path!["grid", "phases"],

@@ -138,7 +138,7 @@ pub fn mode_params(w: &WorkingModeConfig, tz: Tz) -> ModeParams {
 
 impl ControlParams {
     pub fn from_config(c: &SiteConfig) -> ControlParams {
-        let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+        let tz: Tz = c.site.timezone.tz();
         ControlParams {
             phases: c.phases(),
             nominal_v: c.grid.nominal_voltage_v,

@@ -210,7 +210,7 @@ fn pv_source(
             .iter()
             .map(|a| (a.array(), a.ac_limit_w.unwrap_or(f64::INFINITY)))
             .collect();
-        let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+        let tz: Tz = c.site.timezone.tz();
         let correction = match history {
             Some((store, start)) if p.learn_days > 0 => {
                 let from = start - chrono::Duration::days(i64::from(p.learn_days));
@@ -299,7 +299,7 @@ pub fn prices_at(
     p: &PlannerConfig,
     t: DateTime<Utc>,
 ) -> Result<(f64, f64), String> {
-    let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+    let tz: Tz = c.site.timezone.tz();
     let (imp, _) = price_source(&p.import_price, None)?;
     let (exp, _) = price_source(&p.export_price, None)?;
     Ok((
@@ -333,7 +333,7 @@ pub fn from_config(
     o: &Overrides,
     store: Option<&Store>,
 ) -> Result<PlanInputs, String> {
-    let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+    let tz: Tz = c.site.timezone.tz();
     let step_s = f64::from(p.step_min) * 60.0;
     let start_ts = start.timestamp();
     let start = DateTime::<Utc>::from_timestamp(start_ts - start_ts.rem_euclid(step_s as i64), 0)

@@ -264,7 +264,7 @@ impl Ems {
             },
             clock,
             forecast_score: Default::default(),
-            tz: config.site.timezone.parse().unwrap_or(chrono_tz::UTC),
+            tz: config.site.timezone.tz(),
             config,
         };
         (ems, app)

@@ -280,7 +280,7 @@ pub fn load_shape(local: NaiveDateTime) -> f64 {
 
 impl SiteModel {
     pub fn new(c: &SiteConfig) -> SiteModel {
-        let tz: Tz = c.site.timezone.parse().unwrap_or(chrono_tz::UTC);
+        let tz: Tz = c.site.timezone.tz();
         let s = &c.simulation;
         let now = s
             .start
