@@ -1139,7 +1139,8 @@ impl SiteConfig {
             // the value itself.
             let (line, col, message) = match message.split_once(": unknown timezone") {
                 Some((_, rest)) => {
-                    let (l, c) = Locator::new(text).locate(&crate::path!["site", "timezone"]);
+                    let (l, c) = Locator::new(text)
+                        .locate(&[PathSeg::from("site"), PathSeg::from("timezone")]);
                     (l, c, format!("unknown timezone{rest}"))
                 }
                 None => (line, col, message),
