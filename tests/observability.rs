@@ -172,7 +172,28 @@ fn dashboards_are_well_formed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_and_prometheus_accept_the_metrics_and_every_panel_has_data() {
-    let h = Harness::start(fast_site("sites/demo.yaml")).await;
+    // The demo with its aggregator link to a real broker, so the MQTT panels have data too.
+    let broker = common::broker::Mosquitto::start();
+    let mut c = fast_site("sites/demo.yaml");
+    if let Some(d) = c.dr.as_mut() {
+        d.mqtt = Some(site_ems::config::MqttConfig {
+            host: "127.0.0.1".into(),
+            port: broker.port,
+            client_id: None,
+            topic_prefix: "fleet/demo".into(),
+            site_id: None,
+            groups: Vec::new(),
+            groups_prefix: "fleet/groups".into(),
+            username: None,
+            password_env: None,
+            ca_file: None,
+            insecure: true,
+            heartbeat_s: 60.0,
+            telemetry_s: 5.0,
+            fallback: Default::default(),
+        });
+    }
+    let h = Harness::start(c).await;
     h.wait_for(Duration::from_secs(10), "all devices healthy", all_healthy)
         .await;
     // A fault and a Modbus exception, so their series exist too.
@@ -243,6 +264,13 @@ async fn promtool_and_prometheus_accept_the_metrics_and_every_panel_has_data() {
     let ds = dashboards();
     let mut failures = Vec::new();
     let all = targets(&ds);
+    // A constant padding a query (`or vector(0)`) would show a dead EMS as healthy.
+    for (file, title, expr) in &all {
+        assert!(
+            !expr.contains("vector("),
+            "{file} · {title} pads its query with a constant: {expr}"
+        );
+    }
     for (file, title, expr) in &all {
         let q = expr
             .replace("$__rate_interval", "1m")

@@ -329,6 +329,16 @@ pub fn decode_state(raw: u16) -> Option<WorkingState> {
 use Severity::{Fault as F, Warning as W};
 
 /// `HFaultMSG` (`0x4005`), display board / slave controller, bit → name.
+/// Every fault and warning the three fault words can report.
+pub fn fault_flags() -> impl Iterator<Item = (&'static str, Severity)> {
+    H_FAULT_BITS
+        .iter()
+        .chain(M_FAULT_BITS.iter())
+        .chain(M_FAULT2_BITS.iter())
+        .flatten()
+        .copied()
+}
+
 pub const H_FAULT_BITS: [Option<(&str, Severity)>; 32] = [
     Some(("lost_com_h_m", F)),
     Some(("meter_lost", W)),

@@ -4,6 +4,7 @@
 //! Every metric here is queried by a dashboard panel, and every panel's query is checked
 //! against a real Prometheus in the tests.
 
+use crate::drivers::Severity;
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -19,6 +20,17 @@ use crate::web::status::{Health, Status};
 /// Error kinds every device's counter starts at zero for, so a healthy site shows 0 errors
 /// rather than no data.
 pub const ERROR_KINDS: [&str; 5] = ["timeout", "exception", "decode", "connect", "transport"];
+
+/// The exception codes Modbus defines (illegal function, address, value; slave failure,
+/// acknowledge, busy; gateway path, gateway target).
+const MODBUS_EXCEPTION_CODES: [u8; 8] = [0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x0A, 0x0B];
+
+fn severity_label(s: Severity) -> &'static str {
+    match s {
+        Severity::Fault => "fault",
+        Severity::Warning => "warning",
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -166,10 +178,25 @@ impl Metrics {
     }
 
     /// Start a device's request and error counters at zero.
+    /// Every series a device can have, at zero from the start: a panel then shows a real 0,
+    /// and "No data" only when the EMS itself is not scraped.
     pub fn register_device(&self, link: &str, device: &str) {
         self.modbus_requests.with_label_values(&[link, device]);
         for kind in ERROR_KINDS {
             self.modbus_errors.with_label_values(&[link, device, kind]);
+        }
+        for code in MODBUS_EXCEPTION_CODES {
+            self.modbus_exceptions
+                .with_label_values(&[link, device, &format!("{code:#04x}")]);
+        }
+    }
+
+    /// An inverter's fault and warning flags from the fault tables, each at 0 until raised.
+    pub fn register_inverter(&self, device: &str) {
+        for (name, severity) in crate::drivers::saj::fault_flags() {
+            self.inverter_fault
+                .with_label_values(&[device, name, severity_label(severity)])
+                .set(0.0);
         }
     }
 
@@ -289,7 +316,10 @@ impl Metrics {
                 &l,
                 fresh.then_some(inv.faults.len() as f64),
             );
-            for (names, severity) in [(&inv.faults, "fault"), (&inv.warnings, "warning")] {
+            for (names, severity) in [
+                (&inv.faults, severity_label(Severity::Fault)),
+                (&inv.warnings, severity_label(Severity::Warning)),
+            ] {
                 for name in names.iter() {
                     self.inverter_fault
                         .with_label_values(&[inv.id.as_str(), name, severity])
@@ -305,9 +335,9 @@ impl Metrics {
         }
         for gone in last.faults.difference(&faults) {
             let (device, severity) = gone.0.split_once('\u{0}').unwrap_or((&gone.0, ""));
-            let _ = self
-                .inverter_fault
-                .remove_label_values(&[device, gone.1, severity]);
+            self.inverter_fault
+                .with_label_values(&[device, gone.1, severity])
+                .set(0.0);
         }
         last.faults = faults;
         for m in &s.meters {
