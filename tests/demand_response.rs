@@ -309,7 +309,8 @@ fn kill_9_during_an_event_restart_enforces_it_again_once() {
     let site = dir.path().join("site.yaml");
     let text = std::fs::read_to_string("sites/demo.yaml").unwrap()
         + &format!(
-            "store:\n  path: {}\ndr:\n  token_env: EMS_DR_TOKEN\n",
+            // The demo has `dr: { token_env: EMS_DR_TOKEN }` already.
+            "store:\n  path: {}\n",
             dir.path().join("ems.sqlite").display()
         );
     std::fs::write(&site, text).unwrap();
