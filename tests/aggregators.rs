@@ -22,20 +22,11 @@ const TOKEN: &str = "fleet-token";
 
 fn mqtt(port: u16, prefix: &str) -> MqttConfig {
     MqttConfig {
-        host: "127.0.0.1".into(),
-        port,
-        client_id: None,
-        topic_prefix: prefix.into(),
-        site_id: None,
         groups: vec!["north".into()],
         groups_prefix: "fleet/groups".into(),
-        username: None,
-        password_env: None,
-        ca_file: None,
-        insecure: true,
         heartbeat_s: 60.0,
         telemetry_s: 1.0,
-        fallback: Default::default(),
+        ..MqttConfig::plain("127.0.0.1", port, prefix)
     }
 }
 

@@ -509,20 +509,10 @@ async fn an_mqtt_cancel_cannot_lift_a_ripple_control_step() {
     let mut c = with_contacts();
     if let Some(d) = c.dr.as_mut() {
         d.mqtt = Some(site_ems::config::MqttConfig {
-            host: "127.0.0.1".into(),
-            port: broker.port,
-            client_id: None,
-            topic_prefix: "fleet/site-1".into(),
-            site_id: None,
-            groups: Vec::new(),
-            groups_prefix: "fleet/groups".into(),
-            username: None,
-            password_env: None,
-            ca_file: None,
-            insecure: true,
             heartbeat_s: 600.0,
             telemetry_s: 60.0,
-            fallback: Default::default(),
+            groups_prefix: "fleet/groups".into(),
+            ..site_ems::config::MqttConfig::plain("127.0.0.1", broker.port, "fleet/site-1")
         });
     }
     let mut l = ClosedLoop::start(c).await.unwrap();

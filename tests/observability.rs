@@ -177,20 +177,8 @@ async fn promtool_and_prometheus_accept_the_metrics_and_every_panel_has_data() {
     let mut c = fast_site("sites/demo.yaml");
     if let Some(d) = c.dr.as_mut() {
         d.mqtt = Some(site_ems::config::MqttConfig {
-            host: "127.0.0.1".into(),
-            port: broker.port,
-            client_id: None,
-            topic_prefix: "fleet/demo".into(),
-            site_id: None,
-            groups: Vec::new(),
-            groups_prefix: "fleet/groups".into(),
-            username: None,
-            password_env: None,
-            ca_file: None,
-            insecure: true,
-            heartbeat_s: 60.0,
             telemetry_s: 5.0,
-            fallback: Default::default(),
+            ..site_ems::config::MqttConfig::plain("127.0.0.1", broker.port, "fleet/demo")
         });
     }
     let h = Harness::start(c).await;

@@ -278,6 +278,28 @@ fn default_groups_prefix() -> String {
 }
 
 impl MqttConfig {
+    /// Plain MQTT to `host:port` without TLS or a login (`insecure: true`), topics under
+    /// `topic_prefix`, every other setting at its default: for simulated fleets and tests
+    /// on loopback.
+    pub fn plain(host: &str, port: u16, topic_prefix: &str) -> MqttConfig {
+        MqttConfig {
+            host: host.into(),
+            port,
+            client_id: None,
+            topic_prefix: topic_prefix.into(),
+            site_id: None,
+            groups: Vec::new(),
+            groups_prefix: default_groups_prefix(),
+            username: None,
+            password_env: None,
+            ca_file: None,
+            insecure: true,
+            heartbeat_s: default_heartbeat_s(),
+            telemetry_s: default_telemetry_s(),
+            fallback: Default::default(),
+        }
+    }
+
     /// The site's id in acks and telemetry.
     pub fn site_id(&self) -> String {
         self.site_id.clone().unwrap_or_else(|| {
