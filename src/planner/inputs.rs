@@ -254,7 +254,10 @@ fn pv_source(
             source,
         ));
     }
-    let peak = p.peak_w.unwrap_or(0.0);
+    // `ems check` lets exactly one source through; arrays need a location.
+    let peak = p.peak_w.ok_or(
+        "planner.pv_forecast has no usable source: give arrays (with site.location), peak_w or csv",
+    )?;
     Ok((
         PvModel::Curve(peak),
         format!("fixed daily curve scaled to a {peak:.0} W peak"),
