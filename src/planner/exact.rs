@@ -328,6 +328,8 @@ pub fn search(i: &PlanInputs, classes: &[Class]) -> Result<Outcome, PlanError> {
         .solve(&root_fix)?
         .ok_or_else(|| PlanError::Solver("no plan meets the grid limits".into()))?;
     let mut open = BinaryHeap::new();
+    // Out of time with a plan in hand: publish it with the bound reached, never nothing.
+    let mut out_of_time = false;
     if conflicts(&root).is_empty() {
         let o = objective(i, classes, &root);
         s.offer(o, root);
@@ -341,12 +343,18 @@ pub fn search(i: &PlanInputs, classes: &[Class]) -> Result<Outcome, PlanError> {
             .solve(&hull)?
             .ok_or_else(|| PlanError::Solver("no plan meets the grid limits".into()))?;
         if let Some(node) = s.visit(hull, root) {
-            s.dive(&node, Rounding::Diffused)?;
-            s.dive(&node, Rounding::Lean)?;
+            for rounding in [Rounding::Diffused, Rounding::Lean] {
+                match s.dive(&node, rounding) {
+                    Err(PlanError::Timeout(_)) if s.best.is_some() => {
+                        out_of_time = true;
+                        break;
+                    }
+                    other => other?,
+                }
+            }
             open.push(node);
         }
     }
-    let mut out_of_time = false;
     // Plunge: follow the child the flows lean to while it stays open (a quick way down to
     // executable plans that prune the rest); otherwise take the lowest bound.
     let mut plunge: Option<Node> = None;
