@@ -54,8 +54,9 @@ pub fn spawn(config: SiteConfig, delay: Duration, writer: Option<Writer>) -> Pla
     let (requests, mut rx) = mpsc::unbounded_channel::<PlanRequest>();
     let (tx, outcomes) = watch::channel(None);
     let config = Arc::new(config);
+    // Read at start, with the EMS's other start-up reads, not inside the task.
+    let mut weather = Weather::from_store(&config, writer);
     tokio::spawn(async move {
-        let mut weather = Weather::from_store(&config, writer);
         while let Some(mut request) = rx.recv().await {
             // Only the newest request matters.
             while let Ok(newer) = rx.try_recv() {
