@@ -111,13 +111,9 @@ async fn latency_under_dr_load(cycles: usize) -> serde_json::Value {
     });
     // The load is the point here: the book's intake limits must not turn it away.
     c.dr = Some(site_ems::config::DrConfig {
-        token: None,
-        token_env: None,
-        openadr_levels: Default::default(),
-        contacts: None,
-        mqtt: None,
         max_events: 100_000,
         max_events_per_min: 100_000,
+        ..Default::default()
     });
     let l = ClosedLoop::start(c).await.expect("simulator");
     let book = l.ems.dr_book();

@@ -37,12 +37,8 @@ fn site(m: MqttConfig) -> SiteConfig {
     c.simulation.load_noise_pct = 0.0;
     c.dr = Some(DrConfig {
         token: Some(TOKEN.into()),
-        token_env: None,
-        openadr_levels: Default::default(),
-        contacts: None,
         mqtt: Some(m),
-        max_events: 200,
-        max_events_per_min: 60,
+        ..Default::default()
     });
     c
 }

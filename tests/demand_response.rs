@@ -134,12 +134,7 @@ fn dr_site() -> SiteConfig {
     c.control.cycle_ms = 200;
     c.dr = Some(DrConfig {
         token: Some(TOKEN.into()),
-        token_env: None,
-        openadr_levels: Default::default(),
-        contacts: None,
-        mqtt: None,
-        max_events: 200,
-        max_events_per_min: 60,
+        ..Default::default()
     });
     c
 }
@@ -401,18 +396,13 @@ fn with_contacts() -> SiteConfig {
         gap_ms: None,
     });
     c.dr = Some(DrConfig {
-        token: None,
-        token_env: None,
-        openadr_levels: Default::default(),
         contacts: Some(site_ems::config::ContactsConfig {
             link: "dio".into(),
             unit_id: 5,
             drm_inputs: Some([0, 1, 2, 3, 4, 5, 6, 7, 8]),
             ripple_inputs: Some([10, 11, 12, 13]),
         }),
-        mqtt: None,
-        max_events: 200,
-        max_events_per_min: 60,
+        ..Default::default()
     });
     c
 }

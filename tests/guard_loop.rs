@@ -76,13 +76,10 @@ fn dr_site() -> SiteConfig {
     c.working_mode.mode = WorkingMode::Plan;
     c.dr = Some(DrConfig {
         token: Some(TOKEN.into()),
-        token_env: None,
-        openadr_levels: Default::default(),
-        contacts: None,
-        mqtt: None,
         // A burst of 200 events in 9 s is what these tests are about: room for it.
         max_events: 1000,
         max_events_per_min: 1000,
+        ..Default::default()
     });
     c
 }

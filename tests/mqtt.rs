@@ -20,10 +20,6 @@ fn site(port: u16) -> SiteConfig {
     c.simulation.initial_soc_pct = 100.0;
     c.simulation.load_noise_pct = 0.0;
     c.dr = Some(DrConfig {
-        token: None,
-        token_env: None,
-        openadr_levels: Default::default(),
-        contacts: None,
         mqtt: Some(MqttConfig {
             heartbeat_s: 2.0,
             telemetry_s: 0.5,
@@ -33,8 +29,7 @@ fn site(port: u16) -> SiteConfig {
             },
             ..MqttConfig::plain("127.0.0.1", port, "ems/test")
         }),
-        max_events: 200,
-        max_events_per_min: 60,
+        ..Default::default()
     });
     c
 }

@@ -359,6 +359,21 @@ impl ContactsConfig {
     }
 }
 
+impl Default for DrConfig {
+    /// No demand response configured: the site file's defaults for every field.
+    fn default() -> DrConfig {
+        DrConfig {
+            token: None,
+            token_env: None,
+            openadr_levels: Default::default(),
+            contacts: None,
+            mqtt: None,
+            max_events: default_max_events(),
+            max_events_per_min: default_max_events_per_min(),
+        }
+    }
+}
+
 impl DrConfig {
     /// The token in force: from the environment variable if named and set, else the file's.
     pub fn token(&self) -> Option<String> {

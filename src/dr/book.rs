@@ -137,9 +137,11 @@ impl Intake {
 
 impl Default for Intake {
     fn default() -> Intake {
+        // The site file's defaults.
+        let d = crate::config::DrConfig::default();
         Intake {
-            max_events: 200,
-            max_per_min: 60,
+            max_events: d.max_events,
+            max_per_min: d.max_events_per_min,
             fleet_battery_w: None,
         }
     }

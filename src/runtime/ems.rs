@@ -188,16 +188,12 @@ impl Ems {
             .store
             .as_ref()
             .map(|s| Writer::start(std::path::Path::new(&s.path)));
-        let mut intake = config
-            .dr
-            .as_ref()
-            .map(|d| crate::dr::book::Intake {
-                max_events: d.max_events,
-                max_per_min: d.max_events_per_min,
-                fleet_battery_w: None,
-            })
-            .unwrap_or_default();
-        intake.fleet_battery_w = Some(fleet_battery_range(&config));
+        let dr = config.dr.clone().unwrap_or_default();
+        let intake = crate::dr::book::Intake {
+            max_events: dr.max_events,
+            max_per_min: dr.max_events_per_min,
+            fleet_battery_w: Some(fleet_battery_range(&config)),
+        };
         let book = SharedBook::new(load_book(&config), writer.clone()).with_intake(intake);
         let (publish, status_rx) = watch::channel(None);
         let (telemetry, telemetry_rx) = watch::channel(None);

@@ -82,10 +82,6 @@ pub fn member_config(k: usize, broker_port: u16) -> SiteConfig {
     c.simulation.seed = k as u64;
     c.planner = None;
     c.dr = Some(DrConfig {
-        token: None,
-        token_env: None,
-        openadr_levels: Default::default(),
-        contacts: None,
         mqtt: Some(MqttConfig {
             groups: vec!["all".into()],
             groups_prefix: "fleet/groups".into(),
@@ -93,8 +89,7 @@ pub fn member_config(k: usize, broker_port: u16) -> SiteConfig {
             telemetry_s: 60.0,
             ..MqttConfig::plain("127.0.0.1", broker_port, &format!("fleet/site-{k}"))
         }),
-        max_events: 200,
-        max_events_per_min: 60,
+        ..Default::default()
     });
     c
 }
