@@ -6,8 +6,7 @@
 //! limits and, on half of them, per-phase import limits: where the limits can all be met,
 //! `control::step` must meet them and curtail no more than 1 % above the optimum.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod common;
 
 use chrono::{TimeZone, Utc};
 use rand::rngs::SmallRng;
@@ -22,7 +21,6 @@ use site_ems::control::{
 };
 
 /// The reference runs on Debian's Python, where python3-scipy installs.
-const PYTHON: &str = "/usr/bin/python3";
 const MARGIN_W: f64 = 50.0;
 
 struct Site {
@@ -153,29 +151,12 @@ fn random_site(rng: &mut SmallRng) -> Site {
 /// The reference optima, one per snapshot: `Some(curtailed W)`, or `None` where no setpoints
 /// meet every limit.
 fn reference_optima(snapshots: &[Value]) -> Vec<Option<f64>> {
-    let mut child = Command::new(PYTHON)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/reference/curtailment_lp.py"
-        ))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("/usr/bin/python3 with python3-scipy (apt-get install python3-scipy)");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(Value::from(snapshots.to_vec()).to_string().as_bytes())
-        .expect("write the snapshots");
-    let out = child.wait_with_output().expect("reference LP");
-    assert!(
-        out.status.success(),
-        "reference LP failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = common::reference::answer(
+        std::path::Path::new(common::reference::DEBIAN_PYTHON),
+        "tests/reference/curtailment_lp.py",
+        &Value::from(snapshots.to_vec()),
     );
-    let v: Vec<Value> = serde_json::from_slice(&out.stdout).expect("reference JSON");
+    let v = v.as_array().expect("reference JSON list");
     assert_eq!(v.len(), snapshots.len(), "one optimum per snapshot");
     v.iter().map(|o| o["curtailed_w"].as_f64()).collect()
 }

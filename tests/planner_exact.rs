@@ -4,11 +4,10 @@
 //! export paying more than import, where the LP relaxation alone promises more than any
 //! fleet can earn.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod common;
 
 use chrono::{TimeZone, Utc};
-use serde_json::{json, Value};
+use serde_json::json;
 use site_ems::planner::{solve, Battery, Plan, PlanInputs, Sources};
 
 #[allow(clippy::too_many_arguments)]
@@ -264,22 +263,11 @@ fn milp_optimum(i: &PlanInputs) -> (f64, f64) {
         "cycling_cost_per_kwh": i.cycling_cost_per_kwh,
         "terminal_value_per_kwh": i.terminal_value_per_kwh,
     });
-    // Debian's SciPy (python3-scipy, installed by .ci/run), not a virtualenv's.
-    let mut child = Command::new("/usr/bin/python3")
-        .arg("tests/reference/plan_milp.py")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 with SciPy (apt-get install python3-scipy)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "the MILP reference failed");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = common::reference::answer(
+        std::path::Path::new(common::reference::DEBIAN_PYTHON),
+        "tests/reference/plan_milp.py",
+        &input,
+    );
     (
         v["objective"].as_f64().expect("a MILP optimum"),
         v["cost"].as_f64().unwrap(),

@@ -3,9 +3,10 @@
 //! hemispheres on both solstices and an equinox, and solar noon within 10 minutes in local
 //! time, summer time and winter time alike.
 
-use std::io::Write;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -147,21 +148,8 @@ fn reference(python: &Path, site: &Site) -> Vec<Value> {
         })).collect::<Vec<_>>(),
         "days": DAYS,
     });
-    let mut child = Command::new(python)
-        .arg("tests/reference/clearsky_pvlib.py")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the pvlib reference runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "the pvlib reference failed");
-    serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
+    let v = common::reference::answer(python, "tests/reference/clearsky_pvlib.py", &input);
+    v.as_array().expect("one object per day").clone()
 }
 
 #[test]

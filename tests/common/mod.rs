@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod lossy;
+pub mod reference;
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,0 +1,36 @@
+//! Independent references written in Python: a script reads a JSON document on stdin and
+//! prints its answer as JSON.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+/// Debian's python3, with python3-scipy from apt (`tests/run` installs it), not a
+/// virtualenv's.
+pub const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// Run `script` (relative to the crate) with `python`, `input` on its stdin; its JSON answer.
+pub fn answer(python: &Path, script: &str, input: &Value) -> Value {
+    let mut child = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} for {script}: {e}", python.display()));
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.to_string().as_bytes())
+        .expect("write the reference's input");
+    let out = child.wait_with_output().expect("the reference runs");
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{script}: not JSON: {e}"))
+}
