@@ -156,15 +156,7 @@ async fn two_sites_of_one_name_keep_their_connections_and_both_obey_a_group_even
 }
 
 async fn post(h: &Harness, body: Value) -> u16 {
-    h.client
-        .post(format!("{}/api/v1/dr/events", h.base))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    h.post_event(Some(TOKEN), body.to_string()).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -140,16 +140,7 @@ fn dr_site() -> SiteConfig {
 }
 
 async fn post(h: &Harness, token: Option<&str>, body: String) -> (u16, Value) {
-    let mut r = h
-        .client
-        .post(format!("{}/api/v1/dr/events", h.base))
-        .body(body);
-    if let Some(t) = token {
-        r = r.bearer_auth(t);
-    }
-    let r = r.send().await.unwrap();
-    let code = r.status().as_u16();
-    (code, r.json().await.unwrap_or(Value::Null))
+    h.post_event(token, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

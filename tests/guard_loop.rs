@@ -85,14 +85,7 @@ fn dr_site() -> SiteConfig {
 }
 
 async fn post(h: &Harness, body: Value) -> u16 {
-    h.client
-        .post(format!("{}/api/v1/dr/events", h.base))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
+    h.post_event(Some(TOKEN), body.to_string()).await.0
 }
 
 fn event(id: &str, start_in_s: i64, minutes: i64, export_limit_w: f64, now: &str) -> Value {

@@ -77,6 +77,25 @@ impl Harness {
         r.json().await.ok()
     }
 
+    /// POST a demand-response event (`body` as sent, valid JSON or not) with an optional
+    /// bearer token: the status code (0 when the request never got an answer) and the reply.
+    pub async fn post_event(&self, token: Option<&str>, body: String) -> (u16, Value) {
+        let mut r = self
+            .client
+            .post(format!("{}/api/v1/dr/events", self.base))
+            .body(body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        match r.send().await {
+            Ok(r) => {
+                let code = r.status().as_u16();
+                (code, r.json().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
     /// Poll the status until `pred` holds; panic with the last status after `within`.
     pub async fn wait_for(
         &self,
