@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::broker::{LinkCut, Mosquitto};
 use common::{fast_site, Harness};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 use site_ems::config::{DrConfig, MqttConfig, SiteConfig};
 use tokio::sync::mpsc;
@@ -48,36 +48,7 @@ async fn aggregator(
     port: u16,
     id: &str,
 ) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Value)>) {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(o, 64);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (subscribed_tx, mut subscribed) = mpsc::unbounded_channel();
-    let sub = client.clone();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = sub.subscribe("fleet/+/dr/ack", QoS::AtLeastOnce).await;
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = subscribed_tx.send(());
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                    if tx.send((p.topic, v)).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), subscribed.recv())
-        .await
-        .expect("the aggregator subscribed");
-    (client, rx)
+    common::broker::aggregator(port, id, &["fleet/+/dr/ack"]).await
 }
 
 fn now_of(s: &Value) -> DateTime<Utc> {
@@ -455,16 +426,7 @@ async fn an_unwritable_store_refuses_events_and_nothing_is_in_force() {
         "{}",
         s["dr"]
     );
-    let list: Value = h
-        .client
-        .get(format!("{}/api/v1/dr/events", h.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = h.dr_events(TOKEN).await;
     assert_eq!(list, json!([]));
     h.stop().await;
 }

@@ -183,16 +183,7 @@ async fn http_events_need_the_token_are_validated_and_take_effect_in_their_windo
     );
     let (code, _) = post(&h, Some(TOKEN), ev("x", start, -4, json!({"drm": 5}))).await;
     assert_eq!(code, 400);
-    let list: Value = h
-        .client
-        .get(format!("{}/api/v1/dr/events", h.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = h.dr_events(TOKEN).await;
     assert_eq!(list, json!([]), "nothing was accepted");
 
     // Accepted once; a second delivery is a conflict.
@@ -485,7 +476,7 @@ async fn ripple_pulse_30_pct_is_latched_after_it_ends() {
 /// is refused with a reason, and the cap stays in force.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mqtt_cancel_cannot_lift_a_ripple_control_step() {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use rumqttc::QoS;
     let broker = common::broker::Mosquitto::start();
     let mut c = with_contacts();
     if let Some(d) = c.dr.as_mut() {
@@ -513,42 +504,26 @@ async fn an_mqtt_cancel_cannot_lift_a_ripple_control_step() {
         .expect("the step is latched");
     let id = ripple.event.id.clone();
 
-    let mut o = MqttOptions::new("aggregator", "127.0.0.1", broker.port);
-    o.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(o, 16);
-    let cancel = json!({ "cancel": id }).to_string();
+    let (client, mut acks) =
+        common::broker::aggregator(broker.port, "aggregator", &["fleet/site-1/dr/ack"]).await;
+    client
+        .publish(
+            "fleet/site-1/dr/events",
+            QoS::AtLeastOnce,
+            false,
+            json!({ "cancel": id }).to_string(),
+        )
+        .await
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let refusal = loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let ev = tokio::time::timeout(left, eventloop.poll())
+        let (_, v) = tokio::time::timeout(left, acks.recv())
             .await
-            .expect("a refusal on the ack topic");
-        match ev {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                client
-                    .subscribe("fleet/site-1/dr/ack", QoS::AtLeastOnce)
-                    .await
-                    .unwrap();
-            }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                client
-                    .publish(
-                        "fleet/site-1/dr/events",
-                        QoS::AtLeastOnce,
-                        false,
-                        cancel.clone(),
-                    )
-                    .await
-                    .unwrap();
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let v: Value = serde_json::from_slice(&p.payload).unwrap();
-                if v["id"] == id.as_str() {
-                    break v;
-                }
-            }
-            Ok(_) => {}
-            Err(e) => panic!("aggregator link: {e}"),
+            .expect("a refusal on the ack topic")
+            .expect("the aggregator is listening");
+        if v["id"] == id.as_str() {
+            break v;
         }
     };
     assert_eq!(refusal["status"], "rejected", "{refusal}");

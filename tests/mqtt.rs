@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::broker::Mosquitto;
 use common::{fast_site, Harness};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, QoS};
 use serde_json::{json, Value};
 use site_ems::config::{DrConfig, MqttConfig, SiteConfig};
 use tokio::sync::mpsc;
@@ -36,30 +36,12 @@ fn site(port: u16) -> SiteConfig {
 
 /// An aggregator: publishes events, hears acks and telemetry.
 async fn aggregator(port: u16) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Value)>) {
-    let mut o = MqttOptions::new("aggregator", "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop) = AsyncClient::new(o, 64);
-    let (tx, rx) = mpsc::unbounded_channel();
-    let sub = client.clone();
-    tokio::spawn(async move {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = sub.subscribe("ems/test/dr/ack", QoS::AtLeastOnce).await;
-                    let _ = sub.subscribe("ems/test/telemetry", QoS::AtMostOnce).await;
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let v = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
-                    if tx.send((p.topic, v)).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    });
-    (client, rx)
+    common::broker::aggregator(
+        port,
+        "aggregator",
+        &["ems/test/dr/ack", "ems/test/telemetry"],
+    )
+    .await
 }
 
 /// Wait for an ack of `id` with `status` on the ack topic.

@@ -150,3 +150,52 @@ impl Drop for LinkCut {
         self.accept.abort();
     }
 }
+
+/// An aggregator's client on the broker at `port`: subscribed to `topics` (at least once)
+/// before this returns, every message it hears passed on as (topic, JSON).
+pub async fn aggregator(
+    port: u16,
+    id: &str,
+    topics: &[&str],
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<(String, serde_json::Value)>,
+) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(o, 64);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (subscribed_tx, mut subscribed) = tokio::sync::mpsc::unbounded_channel();
+    let sub = client.clone();
+    let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    let wanted = topics.len();
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    for t in &topics {
+                        let _ = sub.subscribe(t, QoS::AtLeastOnce).await;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = subscribed_tx.send(());
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v = serde_json::from_slice(&p.payload).unwrap_or(serde_json::Value::Null);
+                    if tx.send((p.topic, v)).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    for _ in 0..wanted {
+        tokio::time::timeout(Duration::from_secs(10), subscribed.recv())
+            .await
+            .expect("the aggregator subscribed");
+    }
+    (client, rx)
+}

@@ -96,6 +96,19 @@ impl Harness {
         }
     }
 
+    /// The demand-response events in the book, as `GET /api/v1/dr/events` lists them.
+    pub async fn dr_events(&self, token: &str) -> Value {
+        self.client
+            .get(format!("{}/api/v1/dr/events", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("the EMS answers")
+            .json()
+            .await
+            .expect("a JSON list")
+    }
+
     /// Poll the status until `pred` holds; panic with the last status after `within`.
     pub async fn wait_for(
         &self,
