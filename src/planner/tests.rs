@@ -231,7 +231,7 @@ fn dp_objective(i: &PlanInputs, grid_wh: f64) -> f64 {
                 let energy_cost = if grid >= 0.0 {
                     i.import_price[t] * grid
                 } else {
-                    i.export_price[t].min(i.import_price[t]) * grid
+                    i.export_price[t] * grid
                 } * dt_h
                     / 1000.0;
                 let cycling = i.cycling_cost_per_kwh * (charge + discharge) * dt_h / 1000.0;
