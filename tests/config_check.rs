@@ -617,3 +617,20 @@ fn mqtt_without_tls_and_a_login_is_refused_unless_marked_insecure() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_value_refused_by_its_type_is_located_at_the_value_not_its_mapping() {
+    let text = format!(
+        "{BASE}{}working_mode:\n  mode: time_of_use\n  periods:\n    - kind: charge\n      start: \"22:00\"\n      end: \"6:00\"\n",
+        inverter("a", "lan1", 1, "saj-h2")
+    );
+    let e = &errors(&text)[0];
+    let line = line_of(&text, "end: \"6:00\"");
+    let col = text.lines().nth(line - 1).unwrap().find("6:00").unwrap() + 1;
+    assert_eq!((e.line, e.col), (line, col), "{}", e.message);
+    assert!(
+        e.message.starts_with("`6:00` is not a time of day"),
+        "{}",
+        e.message
+    );
+}

@@ -1172,14 +1172,10 @@ impl SiteConfig {
                 Some(i) => message[..i].to_string(),
                 None => message,
             };
-            // A value refused by its own type is reported at the mapping around it; point at
-            // the value itself.
-            let (line, col, message) = match message.split_once(": unknown timezone") {
-                Some((_, rest)) => {
-                    let (l, c) = Locator::new(text)
-                        .locate(&[PathSeg::from("site"), PathSeg::from("timezone")]);
-                    (l, c, format!("unknown timezone{rest}"))
-                }
+            // A value refused by its own type (a time zone, a time of day) is reported at the
+            // mapping around it, behind that mapping's path; point at the value itself.
+            let (line, col, message) = match at_quoted_value(text, line, col, &message) {
+                Some((l, c)) => (l, c, without_path(&message).to_string()),
                 None => (line, col, message),
             };
             ConfigErrors(vec![ConfigError {
@@ -1214,6 +1210,38 @@ impl SiteConfig {
         } else {
             vec![Phase::L1]
         }
+    }
+}
+
+/// Where the value a message quotes (`like this`) first appears at or after `line:col`.
+fn at_quoted_value(text: &str, line: usize, col: usize, message: &str) -> Option<(usize, usize)> {
+    let quoted = message.split('`').nth(1).filter(|q| !q.is_empty())?;
+    text.lines()
+        .enumerate()
+        .skip(line.saturating_sub(1))
+        .find_map(|(k, l)| {
+            let from = if k + 1 == line {
+                col.saturating_sub(1)
+            } else {
+                0
+            };
+            let at = l.get(from..)?.find(quoted)?;
+            Some((k + 1, from + at + 1))
+        })
+}
+
+/// A message without the `path.to.mapping: ` serde puts in front of a nested error.
+fn without_path(message: &str) -> &str {
+    match message.split_once(": ") {
+        Some((path, rest))
+            if !path.is_empty()
+                && path
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.[]".contains(c)) =>
+        {
+            rest
+        }
+        _ => message,
     }
 }
 
