@@ -72,9 +72,9 @@ impl FleetSite {
 
 /// The site file for fleet member `k` on the broker at `port`: the shipped home, in group
 /// `all`, topics under `fleet/site-<k>`.
-pub fn member_config(k: usize, broker_port: u16) -> SiteConfig {
+pub fn member_config(k: usize, broker_port: u16) -> std::io::Result<SiteConfig> {
     let mut c = SiteConfig::load(Path::new("sites/home-1ph.yaml"))
-        .unwrap_or_else(|e| panic!("the shipped home site is valid: {e}"));
+        .map_err(|e| std::io::Error::other(format!("sites/home-1ph.yaml: {e}")))?;
     c.site.name = "home".into();
     c.simulation.start = Some("2026-06-21T12:00".into());
     c.simulation.initial_soc_pct = 100.0;
@@ -91,7 +91,7 @@ pub fn member_config(k: usize, broker_port: u16) -> SiteConfig {
         }),
         ..Default::default()
     });
-    c
+    Ok(c)
 }
 
 /// Resident memory of this process, bytes (Linux; `None` elsewhere).
@@ -176,7 +176,7 @@ pub async fn measure(
     let started = Instant::now();
     let mut sites = Vec::with_capacity(n);
     for k in 0..n {
-        sites.push(FleetSite::start(format!("site-{k}"), &member_config(k, broker_port)).await?);
+        sites.push(FleetSite::start(format!("site-{k}"), &member_config(k, broker_port)?).await?);
     }
     let connected = times_until(
         &sites,
