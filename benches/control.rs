@@ -72,7 +72,9 @@ fn heterogeneous_week() -> SiteConfig {
     let mut c = demo();
     c.working_mode.mode = site_ems::config::WorkingMode::Plan;
     for (k, inv) in c.inverters.iter_mut().enumerate() {
-        let b = &mut inv.battery;
+        let Some(b) = inv.battery.as_mut() else {
+            continue;
+        };
         b.capacity_wh = 15_000.0 + 2_500.0 * k as f64;
         b.charge_efficiency = 0.90 + 0.007 * k as f64;
         b.discharge_efficiency = 0.93 + 0.004 * k as f64;

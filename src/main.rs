@@ -371,7 +371,11 @@ fn plan(command: Command) -> Result<(), String> {
         "{:<16} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>6}",
         "start", "import", "export", "pv_w", "load_w", "grid_w", "battery_w", "soc_%"
     );
-    let capacity: f64 = config.inverters.iter().map(|i| i.battery.capacity_wh).sum();
+    let capacity: f64 = config
+        .inverters
+        .iter()
+        .map(|i| i.battery().capacity_wh)
+        .sum();
     for s in &plan.steps {
         let local = chrono::DateTime::parse_from_rfc3339(&s.start)
             .map(|t| t.with_timezone(&tz).format("%a %d %H:%M").to_string())
@@ -381,7 +385,7 @@ fn plan(command: Command) -> Result<(), String> {
             .batteries
             .iter()
             .zip(&config.inverters)
-            .map(|(b, i)| b.soc_pct * i.battery.capacity_wh)
+            .map(|(b, i)| b.soc_pct * i.battery().capacity_wh)
             .sum::<f64>()
             / capacity.max(1.0);
         println!(

@@ -254,7 +254,7 @@ async fn lost_inverter_others_absorb_a_load_drop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_range_requests_are_clamped_before_the_wire() {
     use site_ems::drivers::saj::Command;
-    use site_ems::io::actuation::Actuator;
+    use site_ems::io::actuation::SajActuator;
     use site_ems::io::link::Link;
     use std::sync::Arc;
 
@@ -262,7 +262,7 @@ async fn out_of_range_requests_are_clamped_before_the_wire() {
     let sim = site_ems::sim::SimSite::start(&config).await.unwrap();
     let wired = sim.rewire(&config);
     let link = Link::spawn(wired.link("sim-inv01").unwrap(), None);
-    let mut act = Actuator::new(Arc::from("inv01"), 1, 10_000.0, link);
+    let mut act = SajActuator::new(Arc::from("inv01"), 1, 10_000.0, link);
     // Negative cap, a charge far beyond the rating, then NaN and infinity.
     act.apply(
         &Command {

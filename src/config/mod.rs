@@ -875,6 +875,8 @@ pub enum MeterModel {
     Dtsu666,
     /// Chint single-phase.
     Ddsu666,
+    /// Any SunSpec meter (models 201–204), found by discovery.
+    Sunspec,
 }
 
 impl MeterModel {
@@ -882,12 +884,15 @@ impl MeterModel {
         match self {
             MeterModel::Dtsu666 => "dtsu666",
             MeterModel::Ddsu666 => "ddsu666",
+            MeterModel::Sunspec => "sunspec",
         }
     }
-    pub fn phases(self) -> u8 {
+    /// Phases the model measures; `None` when the device says (SunSpec: 201 or 203).
+    pub fn phases(self) -> Option<u8> {
         match self {
-            MeterModel::Dtsu666 => 3,
-            MeterModel::Ddsu666 => 1,
+            MeterModel::Dtsu666 => Some(3),
+            MeterModel::Ddsu666 => Some(1),
+            MeterModel::Sunspec => None,
         }
     }
 }
@@ -913,6 +918,9 @@ pub enum InverterModel {
     SajHs2,
     #[serde(rename = "saj-hs3")]
     SajHs3,
+    /// Any inverter that implements the SunSpec models (found by discovery).
+    #[serde(rename = "sunspec")]
+    Sunspec,
 }
 
 impl InverterModel {
@@ -921,7 +929,13 @@ impl InverterModel {
             InverterModel::SajH2 => "saj-h2",
             InverterModel::SajHs2 => "saj-hs2",
             InverterModel::SajHs3 => "saj-hs3",
+            InverterModel::Sunspec => "sunspec",
         }
+    }
+
+    /// SAJ hybrids always have a battery; a SunSpec unit may be PV only.
+    pub fn is_saj(self) -> bool {
+        !matches!(self, InverterModel::Sunspec)
     }
 }
 
@@ -990,14 +1004,36 @@ pub struct InverterConfig {
     pub phase: Option<Phase>,
     pub link: String,
     pub unit_id: u8,
-    pub battery: BatteryConfig,
+    /// Absent on a PV-only unit (a SunSpec PV inverter): it is curtailed, never dispatched.
+    #[serde(default)]
+    pub battery: Option<BatteryConfig>,
     /// DC PV on this hybrid, W peak. The planner gives the unit this share of the site's PV
     /// forecast and keeps its PV and battery together within `rated_power_w`.
     #[serde(default)]
     pub pv_peak_w: Option<f64>,
 }
 
+/// A unit without a battery: no capacity, no power.
+const NO_BATTERY: BatteryConfig = BatteryConfig {
+    capacity_wh: 0.0,
+    max_charge_w: 0.0,
+    max_discharge_w: 0.0,
+    charge_efficiency: 1.0,
+    discharge_efficiency: 1.0,
+    soc_min_pct: 0.0,
+    soc_max_pct: 100.0,
+};
+
 impl InverterConfig {
+    /// The unit's battery; a PV-only unit has one of no capacity and no power.
+    pub fn battery(&self) -> &BatteryConfig {
+        self.battery.as_ref().unwrap_or(&NO_BATTERY)
+    }
+
+    pub fn has_battery(&self) -> bool {
+        self.battery.is_some()
+    }
+
     /// The phases this unit feeds. Validation guarantees `phases`/`phase` agree with the grid.
     pub fn ac_phases(&self) -> Vec<Phase> {
         if self.phases == Some(3) {

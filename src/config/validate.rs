@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use super::{
-    ConfigError, LimitMode, LinkKind, Locator, MeterRole, OnStop, PathSeg, SiteConfig, WorkingMode,
+    ConfigError, LimitMode, LinkKind, Locator, MeterModel, MeterRole, OnStop, PathSeg, SiteConfig,
+    WorkingMode,
 };
 use crate::path;
 
@@ -1015,7 +1016,9 @@ fn meters(c: &SiteConfig, r: &mut Report) {
             MeterRole::Grid => GRID_METER_ADDRESS,
             MeterRole::Pv => PV_METER_ADDRESS,
         };
-        if m.unit_id != want {
+        // The fixed addresses are the SAJ + Chint convention; a SunSpec meter is where its
+        // installer put it.
+        if m.model != MeterModel::Sunspec && m.unit_id != want {
             r.err(
                 path!["meters", i, "unit_id"],
                 format!(
@@ -1028,12 +1031,12 @@ fn meters(c: &SiteConfig, r: &mut Report) {
                 ),
             );
         }
-        if m.model.phases() != grid_phases {
+        if let Some(phases) = m.model.phases().filter(|&p| p != grid_phases) {
             r.err(
                 path!["meters", i, "model"],
                 format!(
                     "a {}-phase meter ({}) on a {}-phase grid",
-                    m.model.phases(),
+                    phases,
                     m.model.as_str(),
                     grid_phases
                 ),
@@ -1043,7 +1046,11 @@ fn meters(c: &SiteConfig, r: &mut Report) {
                     "use `model: ddsu666` on a single-phase grid"
                 },
             );
-        } else if Some(m.model) != first_model {
+        } else if first_model
+            .and_then(|f| f.phases())
+            .zip(m.model.phases())
+            .is_some_and(|(a, b)| a != b)
+        {
             r.err(
                 path!["meters", i, "model"],
                 "single-phase and three-phase meters are mixed",
@@ -1120,7 +1127,16 @@ fn inverters(c: &SiteConfig, r: &mut Report) {
                 "use `phases: 3` or name the single `phase`",
             ),
         }
-        let b = &inv.battery;
+        let Some(b) = &inv.battery else {
+            if inv.model.is_saj() {
+                r.err(
+                    path!["inverters", i],
+                    format!("hybrid inverter `{}` has no `battery`", inv.id),
+                    "add its `battery:` (capacity_wh, max_charge_w, max_discharge_w)",
+                );
+            }
+            continue;
+        };
         let bat = |f: &str| path!["inverters", i, "battery", f];
         for (field, v) in [
             ("capacity_wh", b.capacity_wh),

@@ -6,8 +6,27 @@
 //! A meter measures forward power as + (import, as wired); a PV-side meter sees the solar
 //! inverter's output as reverse power, so its sign is turned into + = generation here.
 
+pub use super::role_sign;
 use super::{expect_len, plausible, DecodeError, MeterEnergy, MeterReading, PhaseAc, ReadBlock};
-use crate::config::{MeterModel, MeterRole, Phase};
+use crate::config::{MeterModel, Phase};
+
+/// The Chint models this driver reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChintModel {
+    Dtsu666,
+    Ddsu666,
+}
+
+impl ChintModel {
+    /// The Chint model a site file's meter names, if it is one.
+    pub fn of(model: MeterModel) -> Option<ChintModel> {
+        match model {
+            MeterModel::Dtsu666 => Some(ChintModel::Dtsu666),
+            MeterModel::Ddsu666 => Some(ChintModel::Ddsu666),
+            MeterModel::Sunspec => None,
+        }
+    }
+}
 
 pub mod dtsu666 {
     use super::ReadBlock;
@@ -61,30 +80,17 @@ pub fn f32_words(v: f64) -> [u16; 2] {
     [(b >> 16) as u16, (b & 0xFFFF) as u16]
 }
 
-pub fn instant_block(model: MeterModel) -> ReadBlock {
+pub fn instant_block(model: ChintModel) -> ReadBlock {
     match model {
-        MeterModel::Dtsu666 => dtsu666::INSTANT,
-        MeterModel::Ddsu666 => ddsu666::INSTANT,
+        ChintModel::Dtsu666 => dtsu666::INSTANT,
+        ChintModel::Ddsu666 => ddsu666::INSTANT,
     }
 }
 
-pub fn energy_blocks(model: MeterModel) -> &'static [ReadBlock] {
+pub fn energy_blocks(model: ChintModel) -> &'static [ReadBlock] {
     match model {
-        MeterModel::Dtsu666 => &dtsu666::ENERGY,
-        MeterModel::Ddsu666 => &ddsu666::ENERGY,
-    }
-}
-
-/// The sign that turns forward power into our convention for this meter.
-pub fn role_sign(role: MeterRole, invert: bool) -> f64 {
-    let base = match role {
-        MeterRole::Grid => 1.0,
-        MeterRole::Pv => -1.0,
-    };
-    if invert {
-        -base
-    } else {
-        base
+        ChintModel::Dtsu666 => &dtsu666::ENERGY,
+        ChintModel::Ddsu666 => &ddsu666::ENERGY,
     }
 }
 
@@ -100,13 +106,13 @@ fn frequency(f: f64) -> Result<f64, DecodeError> {
 
 /// Decode the instantaneous block of either model; `sign` comes from [`role_sign`].
 pub fn decode_instant(
-    model: MeterModel,
+    model: ChintModel,
     words: &[u16],
     sign: f64,
 ) -> Result<MeterReading, DecodeError> {
     match model {
-        MeterModel::Dtsu666 => decode_dtsu666(words, sign),
-        MeterModel::Ddsu666 => decode_ddsu666(words, sign),
+        ChintModel::Dtsu666 => decode_dtsu666(words, sign),
+        ChintModel::Ddsu666 => decode_ddsu666(words, sign),
     }
 }
 
@@ -178,6 +184,7 @@ pub fn decode_energy(words: &[u16]) -> Result<MeterEnergy, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MeterRole;
 
     fn put(words: &mut [u16], block: ReadBlock, addr: u16, raw: u32) {
         let i = (addr - block.start) as usize;
@@ -193,7 +200,7 @@ mod tests {
         put(&mut w, dtsu666::INSTANT, 0x2006, 0x4510_5000);
         put(&mut w, dtsu666::INSTANT, 0x2012, 0x46DE_A800);
         put(&mut w, dtsu666::INSTANT, 0x2014, 0x46DE_A800);
-        let r = decode_instant(MeterModel::Dtsu666, &w, 1.0).unwrap();
+        let r = decode_instant(ChintModel::Dtsu666, &w, 1.0).unwrap();
         assert!((r.phases[0].voltage_v - 230.9).abs() < 1e-4);
         assert!((r.power_w - 2850.0).abs() < 1e-3);
         assert!((r.phases[0].power_w - 2850.0).abs() < 1e-3);
@@ -208,7 +215,7 @@ mod tests {
         let mut w = vec![0u16; ddsu666::INSTANT.count as usize];
         put(&mut w, ddsu666::INSTANT, 0x2000, 0x4366_3334);
         put(&mut w, ddsu666::INSTANT, 0x2004, 0x3FA0_0000);
-        let r = decode_instant(MeterModel::Ddsu666, &w, 1.0).unwrap();
+        let r = decode_instant(ChintModel::Ddsu666, &w, 1.0).unwrap();
         assert!((r.phases[0].voltage_v - 230.2).abs() < 1e-4);
         assert!((r.power_w - 1250.0).abs() < 1e-3);
     }
@@ -233,9 +240,9 @@ mod tests {
             0x2004,
             (u32::from(words[0]) << 16) | u32::from(words[1]),
         );
-        let r = decode_instant(MeterModel::Ddsu666, &w, role_sign(MeterRole::Pv, false)).unwrap();
+        let r = decode_instant(ChintModel::Ddsu666, &w, role_sign(MeterRole::Pv, false)).unwrap();
         assert!((r.power_w - 2500.0).abs() < 1e-3);
-        let r = decode_instant(MeterModel::Ddsu666, &w, role_sign(MeterRole::Pv, true)).unwrap();
+        let r = decode_instant(ChintModel::Ddsu666, &w, role_sign(MeterRole::Pv, true)).unwrap();
         assert!((r.power_w + 2500.0).abs() < 1e-3);
     }
 
@@ -243,8 +250,8 @@ mod tests {
     fn nan_and_wrong_length_are_errors_not_values() {
         let mut w = vec![0u16; dtsu666::INSTANT.count as usize];
         put(&mut w, dtsu666::INSTANT, 0x2012, 0x7FC0_0000);
-        assert!(decode_instant(MeterModel::Dtsu666, &w, 1.0).is_err());
-        assert!(decode_instant(MeterModel::Dtsu666, &w[..4], 1.0).is_err());
+        assert!(decode_instant(ChintModel::Dtsu666, &w, 1.0).is_err());
+        assert!(decode_instant(ChintModel::Dtsu666, &w[..4], 1.0).is_err());
     }
 
     #[test]
@@ -264,7 +271,7 @@ mod tests {
             0x200C,
             (u32::from(i[0]) << 16) | u32::from(i[1]),
         );
-        let r = decode_instant(MeterModel::Dtsu666, &w, 1.0).unwrap();
+        let r = decode_instant(ChintModel::Dtsu666, &w, 1.0).unwrap();
         assert!((r.phases[0].current_a + 10.0).abs() < 1e-6);
     }
 }

@@ -5,10 +5,11 @@
 
 pub mod chint;
 pub mod saj;
+pub mod sunspec;
 
 use serde::Serialize;
 
-use crate::config::Phase;
+use crate::config::{MeterRole, Phase};
 
 /// Modbus register table a block is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,4 +171,18 @@ pub struct MeterReading {
 pub struct MeterEnergy {
     pub import_wh: f64,
     pub export_wh: f64,
+}
+
+/// The sign that turns a meter's forward power (+ towards the site, as wired) into our
+/// convention for its role: + import for a grid meter, + generation for a PV meter.
+pub fn role_sign(role: MeterRole, invert: bool) -> f64 {
+    let base = match role {
+        MeterRole::Grid => 1.0,
+        MeterRole::Pv => -1.0,
+    };
+    if invert {
+        -base
+    } else {
+        base
+    }
 }

@@ -52,10 +52,11 @@ impl LinkError {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Op {
     Read(ReadBlock),
     Write { addr: u16, value: u16 },
+    WriteMany { addr: u16, values: Arc<[u16]> },
 }
 
 struct Job {
@@ -112,6 +113,21 @@ impl Link {
         value: u16,
     ) -> Result<(), LinkError> {
         self.call(device, unit, Op::Write { addr, value })
+            .await
+            .map(|_| ())
+    }
+
+    /// FC16 write of consecutive registers, applied by the device as one (SunSpec controls
+    /// whose value, enable and timer belong together). Values are range-checked by the driver.
+    pub async fn write_many(
+        &self,
+        device: &Arc<str>,
+        unit: u8,
+        addr: u16,
+        values: &[u16],
+    ) -> Result<(), LinkError> {
+        let values: Arc<[u16]> = Arc::from(values);
+        self.call(device, unit, Op::WriteMany { addr, values })
             .await
             .map(|_| ())
     }
@@ -223,6 +239,10 @@ async fn execute(ctx: &mut Context, op: Op) -> tokio_modbus::Result<Vec<u16>> {
             .write_single_register(addr, value)
             .await
             .map(|r| r.map(|()| Vec::new())),
+        Op::WriteMany { addr, values } => ctx
+            .write_multiple_registers(addr, &values)
+            .await
+            .map(|r| r.map(|()| Vec::new())),
     }
 }
 
@@ -262,7 +282,7 @@ async fn run(
                 break 'job Err(LinkError::Closed);
             };
             c.set_slave(Slave(job.unit));
-            match timeout(request_timeout, execute(c, job.op)).await {
+            match timeout(request_timeout, execute(c, job.op.clone())).await {
                 Ok(Ok(Ok(words))) => Ok(words),
                 Ok(Ok(Err(exception))) => Err(LinkError::Exception(u8::from(exception))),
                 Ok(Err(e)) => {
@@ -285,10 +305,11 @@ async fn run(
             );
         }
         if let Some(gap) = gap {
-            let frame = match job.op {
+            let frame = match &job.op {
                 Op::Read(b) if b.table == Table::Discrete => Frame::ReadBits(b.count),
                 Op::Read(b) => Frame::Read(b.count),
                 Op::Write { .. } => Frame::WriteSingle,
+                Op::WriteMany { values, .. } => Frame::WriteMultiple(values.len() as u16),
             };
             let (request, response) = match &result {
                 Ok(_) => rtu_frame_bytes(frame, false),

@@ -4,6 +4,7 @@
 
 pub mod actuation;
 pub mod contacts;
+pub mod discovery;
 pub mod link;
 pub mod poll;
 

@@ -445,8 +445,14 @@ pub fn from_config(
     // model's peak when that is larger; the rest is AC-coupled).
     let dc_pv_w: f64 = c.inverters.iter().filter_map(|inv| inv.pv_peak_w).sum();
     let site_pv_w = dc_pv_w.max(pv.peak_w());
-    for (k, inv) in c.inverters.iter().enumerate() {
-        let b = &inv.battery;
+    // PV-only units have nothing to plan: their PV is in the site forecast.
+    for (k, inv) in c
+        .inverters
+        .iter()
+        .enumerate()
+        .filter(|(_, i)| i.has_battery())
+    {
+        let b = inv.battery();
         inputs.batteries.push(Battery {
             id: inv.id.clone(),
             capacity_wh: b.capacity_wh,

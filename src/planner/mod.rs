@@ -170,6 +170,22 @@ impl Plan {
         let step = self.step_at(t)?;
         Some(step.batteries.iter().map(|b| b.power_w).collect())
     }
+
+    /// Battery targets for the units `ids` (config order) for the step containing `t`: a
+    /// unit without a battery in the plan (PV only) is given 0.
+    pub fn targets_for(&self, t: DateTime<Utc>, ids: &[String]) -> Option<Vec<f64>> {
+        let step = self.step_at(t)?;
+        Some(
+            ids.iter()
+                .map(|id| {
+                    step.batteries
+                        .iter()
+                        .find(|b| &b.id == id)
+                        .map_or(0.0, |b| b.power_w)
+                })
+                .collect(),
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

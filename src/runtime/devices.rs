@@ -14,7 +14,7 @@ use crate::control::{self, Decision};
 use crate::dr::book::SharedBook;
 use crate::dr::DrEvent;
 use crate::drivers::saj;
-use crate::io::actuation::Actuator;
+use crate::io::actuation::{Actuator, Setpoint};
 use crate::io::contacts::Contacts;
 use crate::io::link::Link;
 use crate::io::poll::{FrozenWatch, InverterPoller, MeterPoller};
@@ -25,6 +25,13 @@ use crate::io::IoObserver;
 fn frozen_min_change_w(config: &SiteConfig) -> f64 {
     let rated: f64 = config.inverters.iter().map(|i| i.rated_power_w).sum();
     (0.02 * rated).max(200.0)
+}
+
+/// How long a SunSpec unit keeps an EMS limit without hearing from the EMS again: five
+/// cycles (at least 2 s), so a unit the EMS stops talking to is back at its safe cap within a
+/// few cycles, while a cycle or two of delay never trips it.
+pub fn sunspec_revert(config: &SiteConfig) -> Duration {
+    (Duration::from_millis(config.control.cycle_ms) * 5).max(Duration::from_secs(2))
 }
 
 pub struct Devices {
@@ -78,11 +85,13 @@ impl Devices {
         let actuators = inverters
             .iter()
             .map(|p| {
-                Actuator::new(
+                Actuator::for_model(
+                    p.cfg.model,
                     p.device.clone(),
                     p.cfg.unit_id,
                     p.cfg.rated_power_w,
                     p.link().clone(),
+                    sunspec_revert(config),
                 )
                 .with_observer(observer.clone())
                 .with_min_interval(Duration::from_secs_f64(config.control.min_write_interval_s))
@@ -231,16 +240,18 @@ impl Devices {
             .map(|i| {
                 i.reading
                     .as_ref()
-                    .map_or(i.cfg.battery.soc_min_pct, |r| r.soc_pct)
+                    .map_or(i.cfg.battery().soc_min_pct, |r| r.soc_pct)
             })
             .collect()
     }
 
     /// Send the decision: every commanded unit in parallel (each on its own link task).
     /// Returns the units' own settings learnt at this takeover, to be kept in the store.
+    /// `safe_caps_w`: per unit, the cap it must fall back to by itself if the EMS goes quiet.
     pub async fn actuate(
         &mut self,
         decision: &Decision,
+        safe_caps_w: &[f64],
         now: Duration,
     ) -> Vec<(String, Vec<(u16, u16)>)> {
         for (poller, actuator) in self.inverters.iter().zip(self.actuators.iter_mut()) {
@@ -249,18 +260,25 @@ impl Devices {
             }
         }
         let urgent = decision.urgent;
+        let targets: Vec<_> = self.inverters.iter().map(|p| p.sunspec_target()).collect();
         let writes = self
             .actuators
             .iter_mut()
             .zip(&decision.setpoints)
-            .filter_map(|(a, sp)| {
+            .zip(&targets)
+            .enumerate()
+            .filter_map(|(k, ((a, sp), target))| {
                 let sp = (*sp)?;
+                let safe_cap_w = safe_caps_w.get(k).copied().unwrap_or(0.0);
                 Some(async move {
-                    let cmd = saj::Command {
-                        battery_w: sp.battery_w,
-                        output_cap_w: sp.output_cap_w,
+                    let sp = Setpoint {
+                        command: saj::Command {
+                            battery_w: sp.battery_w,
+                            output_cap_w: sp.output_cap_w,
+                        },
+                        safe_cap_w,
                     };
-                    if let Err(e) = a.apply(&cmd, now, urgent).await {
+                    if let Err(e) = a.apply(&sp, target.as_ref(), now, urgent).await {
                         tracing::warn!(device = a.device(), "setpoint not written: {e}");
                     }
                 })
@@ -274,24 +292,20 @@ impl Devices {
 
     /// Per unit, the alarm it raised, if any.
     pub fn alarms(&self) -> Vec<Option<&'static str>> {
-        self.actuators
-            .iter()
-            .map(|a| a.alarm.map(|x| x.label()))
-            .collect()
+        self.actuators.iter().map(|a| a.alarm()).collect()
     }
 
     /// Leave every unit as `on_stop` says, each with its inverter-side cap from `caps_w`
     /// (every site file has an export limit, so release keeps limiting on). Returns the
     /// units given back their own settings, whose stored originals are done with.
     pub async fn stop(&mut self, on_stop: OnStop, caps_w: &[f64]) -> Vec<String> {
-        let stops = self
-            .actuators
-            .iter_mut()
-            .zip(caps_w)
-            .map(|(a, &cap_w)| async move {
+        let targets: Vec<_> = self.inverters.iter().map(|p| p.sunspec_target()).collect();
+        let stops = self.actuators.iter_mut().zip(caps_w).zip(&targets).map(
+            |((a, &cap_w), target)| async move {
+                let target = target.as_ref();
                 let result = match on_stop {
-                    OnStop::Safe => a.stop_safe(cap_w).await.map(|()| false),
-                    OnStop::Release => a.release(Some(cap_w)).await,
+                    OnStop::Safe => a.stop_safe(cap_w, target).await.map(|()| false),
+                    OnStop::Release => a.release(Some(cap_w), target).await,
                 };
                 match result {
                     Ok(released) => released.then(|| a.device().to_string()),
@@ -303,7 +317,8 @@ impl Devices {
                         None
                     }
                 }
-            });
+            },
+        );
         join_all(stops).await.into_iter().flatten().collect()
     }
 }

@@ -124,8 +124,8 @@ fn load_originals(config: &SiteConfig) -> HashMap<String, Vec<(u16, u16)>> {
 fn fleet_battery_range(config: &SiteConfig) -> (f64, f64) {
     config.inverters.iter().fold((0.0, 0.0), |(c, d), i| {
         (
-            c + i.battery.max_charge_w.min(i.rated_power_w),
-            d + i.battery.max_discharge_w.min(i.rated_power_w),
+            c + i.battery().max_charge_w.min(i.rated_power_w),
+            d + i.battery().max_discharge_w.min(i.rated_power_w),
         )
     })
 }
@@ -219,7 +219,12 @@ impl Ems {
         let planning = config.planner.clone().map(|p| {
             let handle =
                 crate::planner::task::spawn(config.clone(), options.plan_delay, writer.clone());
-            Planning::new(p, config.working_mode.mode, handle)
+            Planning::new(
+                p,
+                config.working_mode.mode,
+                handle,
+                config.inverters.iter().map(|i| i.id.clone()).collect(),
+            )
         });
         let cycle = Duration::from_millis(config.control.cycle_ms);
         let app = AppState {
@@ -353,7 +358,8 @@ impl Ems {
         let (decision, state) = control::step(&self.params, &snapshot, &self.state);
         self.state = state;
         self.constraints = snapshot.constraints;
-        for (device, values) in self.devices.actuate(&decision, now).await {
+        let safe_caps = control::stop_caps(&self.params, &self.constraints);
+        for (device, values) in self.devices.actuate(&decision, &safe_caps, now).await {
             if let Some(w) = &self.writer {
                 w.originals(&device, Some(values));
             }

@@ -94,11 +94,19 @@ pub struct Planning {
     plan: Option<Arc<Plan>>,
     error: Option<String>,
     solves: u64,
+    units: Vec<String>,
 }
 
 impl Planning {
-    pub fn new(cfg: PlannerConfig, mode: WorkingMode, handle: PlannerHandle) -> Planning {
+    /// `units`: the inverter ids in config order, to match plan targets to units.
+    pub fn new(
+        cfg: PlannerConfig,
+        mode: WorkingMode,
+        handle: PlannerHandle,
+        units: Vec<String>,
+    ) -> Planning {
         Planning {
+            units,
             schedule: ReplanSchedule::new(Duration::from_secs_f64(cfg.replan_min * 60.0)),
             cfg,
             mode,
@@ -147,7 +155,7 @@ impl Planning {
         }
         match (self.mode, self.fresh_plan(now)) {
             (WorkingMode::Plan, Some(plan)) => plan
-                .targets_at(time)
+                .targets_for(time, &self.units)
                 .map(|t| t.into_iter().map(Some).collect()),
             _ => None,
         }

@@ -10,6 +10,7 @@ pub mod physics;
 pub mod pty;
 pub mod registers;
 mod rtu_bus;
+pub mod sunspec;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -658,7 +659,8 @@ fn handle(
         },
         Request::WriteSingleRegister(addr, value) => match kind {
             Kind::Inverter(i) => {
-                registers::write_inverter_setting(&mut model.inverters[i], addr, value)?;
+                let now = model.now;
+                registers::write_inverter_setting(&mut model.inverters[i], addr, value, now)?;
                 Ok(Response::WriteSingleRegister(addr, value))
             }
             Kind::Meter { .. } | Kind::Contacts => Err(ExceptionCode::IllegalDataAddress),
@@ -666,13 +668,14 @@ fn handle(
         Request::WriteMultipleRegisters(addr, values) => match kind {
             Kind::Inverter(i) => {
                 // All or nothing: check every value before applying any.
+                let now = model.now;
                 let inv = &mut model.inverters[i];
                 let mut staged = inv.clone();
                 for (k, v) in values.iter().enumerate() {
                     let a = addr
                         .checked_add(k as u16)
                         .ok_or(ExceptionCode::IllegalDataAddress)?;
-                    registers::write_inverter_setting(&mut staged, a, *v)?;
+                    registers::write_inverter_setting(&mut staged, a, *v, now)?;
                 }
                 *inv = staged;
                 Ok(Response::WriteMultipleRegisters(addr, values.len() as u16))

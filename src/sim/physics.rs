@@ -45,6 +45,8 @@ pub struct SimInverter {
     pub charged_wh: f64,
     pub discharged_wh: f64,
     pub pv_wh: f64,
+    /// A SunSpec unit's controls (`None` for an SAJ hybrid).
+    pub sunspec: Option<super::sunspec::SimSunSpec>,
 }
 
 impl SimInverter {
@@ -295,11 +297,11 @@ impl SiteModel {
                 model: i.model,
                 rated_w: i.rated_power_w,
                 phases: i.ac_phases(),
-                battery: i.battery.clone(),
+                battery: i.battery().clone(),
                 pv_peak_w: i.rated_power_w * s.pv_peak_ratio,
                 soc_pct: s
                     .initial_soc_pct
-                    .clamp(i.battery.soc_min_pct, i.battery.soc_max_pct),
+                    .clamp(i.battery().soc_min_pct, i.battery().soc_max_pct),
                 battery_w: 0.0,
                 pv_w: 0.0,
                 ac_w: 0.0,
@@ -312,6 +314,13 @@ impl SiteModel {
                 charged_wh: 0.0,
                 discharged_wh: 0.0,
                 pv_wh: 0.0,
+                sunspec: None,
+            })
+            .map(|mut inv| {
+                if inv.model == crate::config::InverterModel::Sunspec {
+                    inv.sunspec = Some(super::sunspec::SimSunSpec::for_inverter(&inv));
+                }
+                inv
             })
             .collect();
         let mut m = SiteModel {
@@ -398,25 +407,33 @@ impl SiteModel {
 
         // Firmware: each unit picks a battery target from its AppMode.
         let site_need_w: f64 = load.iter().sum::<f64>() - ac_pv_total;
+        // Units that do not balance the site themselves: passive hybrids and PV-only units.
+        let balances =
+            |i: &SimInverter| i.app_mode() != app_mode::PASSIVE && i.battery.capacity_wh > 0.0;
         let passive_ac: f64 = self
             .inverters
             .iter()
-            .filter(|i| i.app_mode() == app_mode::PASSIVE)
+            .filter(|i| !balances(i))
             .map(|i| i.ac_w)
             .sum();
         let self_use_rating: f64 = self
             .inverters
             .iter()
-            .filter(|i| i.app_mode() != app_mode::PASSIVE)
+            .filter(|i| balances(i))
             .map(|i| i.rated_w)
             .sum();
+        let now = self.now;
         let pv_now: Vec<f64> = self.inverters.iter().map(|i| i.pv_peak_w * sun).collect();
         // What the units' own meters saw last tick (under `AntiRefluxPoint::Site`).
         let site_export_w = -self.truth.grid_w.iter().sum::<f64>();
         let anti_reflux_at = self.anti_reflux_at;
         for (inv, pv_avail) in self.inverters.iter_mut().zip(pv_now) {
+            if let Some(ss) = inv.sunspec.as_mut() {
+                ss.tick(now);
+            }
             let (max_charge, max_discharge) = inv.battery_window();
             let target = match inv.app_mode() {
+                _ if inv.battery.capacity_wh <= 0.0 => 0.0,
                 app_mode::PASSIVE if inv.ignores_setpoint => inv.battery_w,
                 app_mode::PASSIVE => match inv.setting(reg::PASSIVE_ENABLE) {
                     passive::DISCHARGE => {
@@ -446,6 +463,15 @@ impl SiteModel {
                     }
                 }
             };
+            // A SunSpec unit's 124 rates bound what its own self-consumption picks.
+            let target = match inv
+                .sunspec
+                .as_ref()
+                .and_then(|ss| ss.storage_window_w(inv.battery.max_charge_w))
+            {
+                Some((lo, hi)) => target.max(lo).min(hi),
+                None => target,
+            };
             let target = target.clamp(-max_charge, max_discharge);
             let ramp = inv.rated_w * self.ramp_w_per_s_pct / 100.0 * dt_s;
             inv.battery_w += (target - inv.battery_w).clamp(-ramp, ramp);
@@ -458,8 +484,13 @@ impl SiteModel {
                 continue;
             }
             // Output cap: curtail PV first, then the discharge.
-            inv.regulate_export(site_export_w, dt_s);
-            let cap = inv.output_cap_w(anti_reflux_at);
+            let cap = match &inv.sunspec {
+                Some(ss) => ss.cap_w(inv.rated_w),
+                None => {
+                    inv.regulate_export(site_export_w, dt_s);
+                    inv.output_cap_w(anti_reflux_at)
+                }
+            };
             inv.pv_w = pv_avail.min((cap - inv.battery_w).max(0.0));
             if inv.pv_w + inv.battery_w > cap {
                 inv.battery_w = cap - inv.pv_w;

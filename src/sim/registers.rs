@@ -37,6 +37,12 @@ impl Image {
         self.set(addr, hi);
         self.set(addr + 1, lo);
     }
+    /// Set consecutive registers from `addr`.
+    pub(crate) fn set_words(&mut self, addr: u16, words: &[u16]) {
+        for (k, &w) in words.iter().enumerate() {
+            self.set(addr.wrapping_add(k as u16), w);
+        }
+    }
     fn zero(&mut self, start: u16, count: u16) {
         for a in start..start + count {
             self.regs.entry(a).or_insert(0);
@@ -66,10 +72,14 @@ fn device_type(model: InverterModel) -> u16 {
     match model {
         InverterModel::SajH2 => 0x005A,
         InverterModel::SajHs2 | InverterModel::SajHs3 => 0x005C,
+        InverterModel::Sunspec => 0,
     }
 }
 
 pub fn inverter_image(m: &SiteModel, inv: &SimInverter, index: usize) -> Image {
+    if inv.sunspec.is_some() {
+        return super::sunspec::inverter_image(m, inv, index);
+    }
     let mut im = Image::default();
 
     // Identity.
@@ -190,8 +200,11 @@ fn forward_w(m: &SiteModel, role: MeterRole) -> [f64; 3] {
 }
 
 pub fn meter_image(m: &SiteModel, model: MeterModel, role: MeterRole, unit: u8) -> Image {
-    let mut im = Image::default();
     let p = forward_w(m, role);
+    if model == MeterModel::Sunspec {
+        return super::sunspec::meter_image(m, role, p, unit);
+    }
+    let mut im = Image::default();
     let v = m.truth.voltage_v;
     let (import_kwh, export_kwh) = match role {
         MeterRole::Grid => (m.grid_import_wh / 1000.0, m.grid_export_wh / 1000.0),
@@ -245,6 +258,7 @@ pub fn meter_image(m: &SiteModel, model: MeterModel, role: MeterRole, unit: u8) 
             im.set_f32(e.start, import_kwh);
             im.set_f32(e.start + ddsu666::EXPORT_OFFSET as u16, export_kwh);
         }
+        MeterModel::Sunspec => {}
     }
     im
 }
@@ -255,7 +269,13 @@ pub fn write_inverter_setting(
     inv: &mut SimInverter,
     addr: u16,
     value: u16,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), ExceptionCode> {
+    if let Some(ss) = inv.sunspec.as_mut() {
+        ss.write(addr, value, now)?;
+        *inv.writes.entry(addr).or_default() += 1;
+        return Ok(());
+    }
     let s = saj::setting(addr).ok_or(ExceptionCode::IllegalDataAddress)?;
     if value < s.min || value > s.max {
         return Err(ExceptionCode::IllegalDataValue);

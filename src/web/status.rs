@@ -87,6 +87,21 @@ pub struct InverterStatus {
     pub held: Option<UnitHealth>,
     /// What the EMS stopped fixing by writing: `passive_not_confirmed`.
     pub alarm: Option<&'static str>,
+    /// A SunSpec unit: the models discovery found and what the EMS controls it through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sunspec: Option<SunSpecStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SunSpecStatus {
+    /// Model IDs found, in map order (empty before discovery).
+    pub models: Vec<u16>,
+    /// 704 or 123; `None` when the unit cannot be curtailed.
+    pub curtail_model: Option<u16>,
+    /// What the unit's limits are a percentage of, W.
+    pub wmax_w: f64,
+    /// The limit the unit's control model held when last read, W (`None`: no limit).
+    pub limit_in_force_w: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -364,8 +379,8 @@ pub fn build(
                 fleet.ac_power_w += r.ac_power_w;
                 fleet.pv_power_w += r.pv_power_w;
                 fleet.battery_power_w += r.battery_power_w;
-                soc_wh += r.soc_pct * p.cfg.battery.capacity_wh;
-                cap_wh += p.cfg.battery.capacity_wh;
+                soc_wh += r.soc_pct * p.cfg.battery().capacity_wh;
+                cap_wh += p.cfg.battery().capacity_wh;
             }
             let flags = |sev: crate::drivers::Severity| {
                 reading
@@ -407,6 +422,16 @@ pub fn build(
                 setpoint: decision.and_then(|d| d.setpoints.get(k).copied().flatten()),
                 held: decision.and_then(|d| d.held.get(k).copied().flatten()),
                 alarm: None,
+                sunspec: p.sunspec().map(|u| SunSpecStatus {
+                    models: u.map_ids.clone(),
+                    curtail_model: u
+                        .models
+                        .as_ref()
+                        .and_then(|m| m.curtail)
+                        .map(|c| c.model_id()),
+                    wmax_w: u.wmax_w,
+                    limit_in_force_w: u.limit_in_force_w,
+                }),
             }
         })
         .collect();

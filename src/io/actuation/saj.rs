@@ -1,5 +1,7 @@
 //! Sending setpoints to SAJ inverters: the driver encodes and clamps, this decides what goes
 //! on the wire and in which order, and what the unit is left with when the EMS stops.
+//! The unit's own export limit (`0x365A` with anti-reflux on) is its safety net: it holds
+//! with or without the EMS.
 //!
 //! Write discipline — the settings live in inverter memory of limited write endurance:
 //! - **safety first**: the output cap is written first whenever it falls or is not known to
@@ -59,7 +61,7 @@ struct Held {
     written_at: Option<Duration>,
 }
 
-pub struct Actuator {
+pub struct SajActuator {
     device: Arc<str>,
     unit: u8,
     rated_w: f64,
@@ -76,15 +78,15 @@ pub struct Actuator {
     /// `0x3647` read back other than we wrote it: real evidence, so the mode is written
     /// again even while the alarm holds back re-writes `0x4022` asks for.
     mode_read_back_differs: bool,
-    /// The `0x4022` reading last weighed by [`Actuator::confirm_mode`].
+    /// The `0x4022` reading last weighed by [`SajActuator::confirm_mode`].
     mode_checked_at: Option<Duration>,
     unconfirmed: u32,
     pub alarm: Option<Alarm>,
 }
 
-impl Actuator {
-    pub fn new(device: Arc<str>, unit: u8, rated_w: f64, link: Link) -> Actuator {
-        Actuator {
+impl SajActuator {
+    pub fn new(device: Arc<str>, unit: u8, rated_w: f64, link: Link) -> SajActuator {
+        SajActuator {
             device,
             unit,
             rated_w,
@@ -400,14 +402,14 @@ impl Actuator {
 /// mode an EMS set (ours before a crash, or another's): its values are not its own, so the
 /// register map's defaults stand in for them.
 fn original_from(words: &[u16]) -> Vec<(u16, u16)> {
-    let in_passive = Actuator::word(words, reg::APP_MODE) == Some(app_mode::PASSIVE);
+    let in_passive = SajActuator::word(words, reg::APP_MODE) == Some(app_mode::PASSIVE);
     saj::CONTROLLED
         .iter()
         .filter_map(|&addr| {
             let value = if in_passive {
                 saj::setting(addr)?.default
             } else {
-                Actuator::word(words, addr)?
+                SajActuator::word(words, addr)?
             };
             Some((addr, value))
         })
