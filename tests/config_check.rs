@@ -634,3 +634,45 @@ fn a_value_refused_by_its_type_is_located_at_the_value_not_its_mapping() {
         e.message
     );
 }
+
+#[test]
+fn sunspec_entries_are_checked_like_the_others() {
+    let pv = |id: &str, extra: &str| {
+        format!(
+            "  - id: {id}\n    model: sunspec\n    rated_power_w: 8000\n    phases: 3\n    link: lan1\n    unit_id: 1\n{extra}"
+        )
+    };
+    // A PV-only SunSpec unit needs no battery; a SunSpec meter sits at any address.
+    let ok = format!(
+        "{}{}",
+        BASE.replace("model: dtsu666", "model: sunspec")
+            .replace("unit_id: 1\ninverters:", "unit_id: 240\ninverters:"),
+        pv("pv1", "")
+    );
+    SiteConfig::from_str("site.yaml", &ok).unwrap_or_else(|e| panic!("{e:?}"));
+
+    // A misspelt model is located at its value, with the models that exist.
+    let text = format!("{BASE}{}", pv("pv1", "").replace("sunspec", "sunspek"));
+    let e = &errors(&text)[0];
+    assert_eq!(e.line, line_of(&text, "sunspek"));
+    assert!(e.to_string().contains("sunspec"), "{e}");
+
+    // A rating that is no rating.
+    let text = format!("{BASE}{}", pv("pv1", "").replace("8000", "-8000"));
+    let e = &errors(&text)[0];
+    assert_eq!(e.line, line_of(&text, "-8000"));
+
+    // An SAJ hybrid without its battery is refused; a SunSpec unit's battery is checked.
+    let hybrid = inverter("h1", "lan1", 1, "saj-h2");
+    let no_battery = hybrid.split("    battery:").next().unwrap().to_string();
+    let text = format!("{BASE}{no_battery}");
+    let e = &errors(&text)[0];
+    assert_eq!(e.line, line_of(&text, "id: h1"));
+    assert!(e.hint.contains("battery"), "{e}");
+    let text = format!(
+        "{BASE}{}",
+        pv("pv1", "    battery:\n      capacity_wh: 0\n      max_charge_w: 5000\n      max_discharge_w: 5000\n")
+    );
+    let e = &errors(&text)[0];
+    assert_eq!(e.line, line_of(&text, "capacity_wh: 0"));
+}

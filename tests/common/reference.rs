@@ -34,3 +34,40 @@ pub fn answer(python: &Path, script: &str, input: &Value) -> Value {
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{script}: not JSON: {e}"))
 }
+
+/// A virtualenv under the target directory holding `package` from PyPI (importable as
+/// `module`), made on first use; its python. Tests of one binary that ask at once wait for
+/// the first to finish making it.
+pub fn venv_python(name: &str, package: &str, module: &str) -> std::path::PathBuf {
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let python = dir.join("bin/python");
+    let has = |p: &Path| {
+        Command::new(p)
+            .args(["-c", &format!("import {module}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if python.exists() && has(&python) {
+        return python;
+    }
+    let venv = Command::new(DEBIAN_PYTHON)
+        .args(["-m", "venv"])
+        .arg(&dir)
+        .status()
+        .expect("python3 (apt-get install python3-venv)");
+    assert!(
+        venv.success(),
+        "python3 -m venv failed (apt-get install python3-venv)"
+    );
+    let pip = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet", package])
+        .status()
+        .expect("pip in the virtualenv");
+    assert!(
+        pip.success(),
+        "pip install {package} failed (needs the PyPI registry)"
+    );
+    python
+}

@@ -206,9 +206,19 @@ pub fn decode(
             power_w,
         });
     }
-    let battery_power_w = match battery {
-        Some(b) => b.value("W")?.unwrap_or(0.0),
-        None => 0.0,
+    let dc_w = if is_701 { None } else { measure.value("DCW")? };
+    // PV: the DC side, which on units that report storage separately (124/802) is the PV
+    // input; without a DC figure, what the AC output holds beyond the battery.
+    let measured_battery_w = battery.map(|b| b.value("W")).transpose()?.flatten();
+    let (pv_power_w, battery_power_w) = match (dc_w, measured_battery_w, storage.is_some()) {
+        (Some(pv), Some(bat), _) => (pv.max(0.0), bat),
+        // 124 has no battery power: AC = PV + battery, losses aside.
+        (Some(pv), None, true) => (pv.max(0.0), ac_power_w - pv.max(0.0)),
+        (Some(pv), None, false) => (pv.max(0.0), 0.0),
+        (None, bat, _) => {
+            let bat = bat.unwrap_or(0.0);
+            ((ac_power_w - bat).max(0.0), bat)
+        }
     };
     let soc_pct = battery
         .map(|b| b.value("SoC"))
@@ -216,14 +226,6 @@ pub fn decode(
         .flatten()
         .or(storage.map(|s| s.value("ChaState")).transpose()?.flatten())
         .unwrap_or(0.0);
-    let dc_w = if is_701 { None } else { measure.value("DCW")? };
-    let pv_power_w = match (storage.is_some() || battery.is_some(), dc_w) {
-        // A PV inverter's DC side is its PV.
-        (false, Some(w)) => w.max(0.0),
-        // Without a DC figure (or on a hybrid, whose DC includes the battery), PV is what
-        // the AC output holds beyond the battery.
-        _ => (ac_power_w - battery_power_w).max(0.0),
-    };
     let (st, events) = if is_701 {
         (measure.value("InvSt")?, measure.value("Alrm")?)
     } else {

@@ -39,6 +39,28 @@ impl Ty {
         }
     }
 
+    /// The type's name in the SunSpec model definitions.
+    pub const fn standard_name(self) -> &'static str {
+        match self {
+            Ty::U16 => "uint16",
+            Ty::I16 => "int16",
+            Ty::U32 => "uint32",
+            Ty::I32 => "int32",
+            Ty::U64 => "uint64",
+            Ty::Acc16 => "acc16",
+            Ty::Acc32 => "acc32",
+            Ty::Acc64 => "acc64",
+            Ty::Enum16 => "enum16",
+            Ty::Enum32 => "enum32",
+            Ty::Bitfield16 => "bitfield16",
+            Ty::Bitfield32 => "bitfield32",
+            Ty::Sunssf => "sunssf",
+            Ty::F32 => "float32",
+            Ty::Pad => "pad",
+            Ty::Str(_) => "string",
+        }
+    }
+
     /// The words a device serves for a point it does not implement.
     pub fn unimplemented(self) -> Vec<u16> {
         let n = usize::from(self.size());
