@@ -6,6 +6,13 @@
 //! `control::step` turns it into setpoints; `io` writes them, and `web` publishes status and
 //! metrics. The planner, the store's writer and the aggregator link run beside the loop and
 //! are never waited for.
+//!
+//! Devices are reached through drivers (`drivers::saj`, `drivers::chint`,
+//! `drivers::sunspec`): polling, actuation and status pick a driver by the model the site
+//! file names, and never a vendor's registers directly.
+
+#![forbid(unsafe_code)]
+#![warn(unreachable_pub)]
 
 pub mod calendar;
 pub mod clock;
@@ -16,6 +23,7 @@ pub mod drivers;
 pub mod io;
 pub mod planner;
 pub mod runtime;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod sky;
 pub mod solar;

@@ -1,6 +1,8 @@
 //! `ems`: check a site file, run the EMS (against real devices or a simulated site), or
 //! serve a simulated site for other tools.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -8,6 +10,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use site_ems::clock::{Clock, SystemClock};
 use site_ems::config::SiteConfig;
+#[cfg(feature = "sim")]
 use site_ems::sim;
 
 #[derive(Parser)]
@@ -208,23 +211,11 @@ async fn shutdown_signal() {
 async fn run(file: &Path, simulate: bool, listen: Option<String>) -> Result<(), String> {
     let config = load_site(file)?;
     let listen = listen.unwrap_or_else(|| config.api.listen.clone());
-    let (config, clock, _sim): (SiteConfig, Arc<dyn Clock>, Option<sim::Launched>) = if simulate {
-        let launched = sim::launch(&config, None)
-            .await
-            .map_err(|e| format!("cannot start the simulated site: {e}"))?;
-        for (id, unit, addr) in launched.sim.device_units() {
-            tracing::info!("simulated {id} (unit {unit}) at {addr}");
-        }
-        for (link, path) in &launched.buses {
-            tracing::info!("simulated RS485 link {link} on {}", path.display());
-        }
-        (
-            launched.config.clone(),
-            launched.sim.clock(),
-            Some(launched),
-        )
+    let (config, clock, _sim) = if simulate {
+        simulated(&config).await?
     } else {
-        (config, Arc::new(SystemClock::new()), None)
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        (config, clock, None)
     };
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -244,6 +235,44 @@ async fn run(file: &Path, simulate: bool, listen: Option<String>) -> Result<(), 
         .map_err(|e| format!("api server failed: {e}"))
 }
 
+/// A simulated site for `config`: the site file pointing at it, its clock, and the site
+/// (kept alive while the EMS runs).
+#[cfg(feature = "sim")]
+async fn simulated(
+    config: &SiteConfig,
+) -> Result<(SiteConfig, Arc<dyn Clock>, Option<sim::Launched>), String> {
+    let launched = sim::launch(config, None)
+        .await
+        .map_err(|e| format!("cannot start the simulated site: {e}"))?;
+    for (id, unit, addr) in launched.sim.device_units() {
+        tracing::info!("simulated {id} (unit {unit}) at {addr}");
+    }
+    for (link, path) in &launched.buses {
+        tracing::info!("simulated RS485 link {link} on {}", path.display());
+    }
+    Ok((
+        launched.config.clone(),
+        launched.sim.clock(),
+        Some(launched),
+    ))
+}
+
+#[cfg(not(feature = "sim"))]
+async fn simulated(
+    _config: &SiteConfig,
+) -> Result<(SiteConfig, Arc<dyn Clock>, Option<()>), String> {
+    Err(WITHOUT_SIM.to_string())
+}
+
+#[cfg(not(feature = "sim"))]
+const WITHOUT_SIM: &str = "this ems was built without the simulator (Cargo feature `sim`)";
+
+#[cfg(not(feature = "sim"))]
+async fn simulate(_file: &Path, _port_base: Option<u16>) -> Result<(), String> {
+    Err(WITHOUT_SIM.to_string())
+}
+
+#[cfg(feature = "sim")]
 async fn simulate(file: &Path, port_base: Option<u16>) -> Result<(), String> {
     let config = load_site(file)?;
     let launched = sim::launch(&config, port_base)

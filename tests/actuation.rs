@@ -2,6 +2,8 @@
 //! units, a faulted unit still commanded, firmware that never confirms passive mode, and a
 //! unit that ignores its setpoint. Closed loop over real Modbus TCP against the simulator.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::net::SocketAddr;

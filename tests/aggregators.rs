@@ -4,6 +4,8 @@
 //! needs TLS and a login, a grid operator's input cannot be lifted over MQTT, and the
 //! book's intake is bounded.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::collections::HashMap;

@@ -1,6 +1,8 @@
 //! Closed loop on the simulator over real Modbus: export limits in the three modes, fail-safe
 //! on meter loss, a lost inverter, and clean hand-back on shutdown.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use common::demo_1s;

@@ -1,6 +1,8 @@
 //! Demand response: DRM modes on the closed loop over real Modbus, events over HTTP with
 //! authentication and validation, and events that survive `kill -9`.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::io::{BufRead, BufReader};

@@ -3,6 +3,8 @@
 //! ends in the safe state in time. Closed loops here count the time the EMS spends in I/O
 //! as site time, so a stall would show up as an excursion.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::time::Duration;

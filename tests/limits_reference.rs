@@ -6,6 +6,8 @@
 //! limits and, on half of them, per-phase import limits: where the limits can all be met,
 //! `control::step` must meet them and curtail no more than 1 % above the optimum.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use chrono::{TimeZone, Utc};

@@ -2,6 +2,8 @@
 //! at their start and end at their end, acknowledgements arrive on the ack topic, and a lost
 //! broker puts the fallback limits in force until it is back.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::time::Duration;

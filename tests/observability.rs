@@ -2,6 +2,8 @@
 //! EMS running against the simulated demo site, and every query of every dashboard panel
 //! returns at least one series. Every metric the EMS exports is used by some panel.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::collections::BTreeSet;

@@ -2,6 +2,8 @@
 //! `GET /api/v1/plan`, and a simulated day on the demo site under the plan against the same
 //! day under self-consumption.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::process::Command;

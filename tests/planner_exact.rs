@@ -4,6 +4,8 @@
 //! export paying more than import, where the LP relaxation alone promises more than any
 //! fleet can earn.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use chrono::{TimeZone, Utc};

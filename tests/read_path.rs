@@ -1,6 +1,8 @@
 //! The read path end to end: the simulated site over real Modbus TCP, the EMS polling it,
 //! and what `GET /api/v1/status` shows when devices work, stop, or answer badly.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::time::Duration;

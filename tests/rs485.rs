@@ -1,6 +1,8 @@
 //! RS485: the EMS against the simulator's Modbus RTU slaves over socat pseudo-terminals —
 //! six inverters on three pairs and a DTSU666 on its own bus, at real wire speed.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::time::Duration;

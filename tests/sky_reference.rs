@@ -3,6 +3,8 @@
 //! hemispheres on both solstices and an equinox, and solar noon within 10 minutes in local
 //! time, summer time and winter time alike.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::path::{Path, PathBuf};

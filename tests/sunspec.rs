@@ -5,6 +5,8 @@
 //! the SunSpec PV units are curtailed through 704 and fall back by themselves when the EMS
 //! goes quiet.
 
+#![cfg(feature = "sim")]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Write};

@@ -11,17 +11,17 @@ use super::{
 use crate::path;
 
 /// Most inverters one EMS controls over the LAN.
-pub const MAX_LAN_INVERTERS: usize = 10;
+pub(super) const MAX_LAN_INVERTERS: usize = 10;
 /// Most inverters on the EMS's RS485 pairs together.
-pub const MAX_RS485_INVERTERS: usize = 6;
+pub(super) const MAX_RS485_INVERTERS: usize = 6;
 /// Most inverters on one RS485 A/B pair.
-pub const MAX_PER_RS485_PAIR: usize = 2;
+pub(super) const MAX_PER_RS485_PAIR: usize = 2;
 /// RS485 A/B pairs on the EMS.
-pub const MAX_RS485_PAIRS: usize = 3;
+pub(super) const MAX_RS485_PAIRS: usize = 3;
 /// Grid-side meter address, fixed by the vendor.
-pub const GRID_METER_ADDRESS: u8 = 1;
+pub(super) const GRID_METER_ADDRESS: u8 = 1;
 /// PV/AC-coupled-side meter address, fixed by the vendor.
-pub const PV_METER_ADDRESS: u8 = 2;
+pub(super) const PV_METER_ADDRESS: u8 = 2;
 
 const BAUD_RATES: [u32; 8] = [1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200];
 
@@ -44,7 +44,7 @@ impl Report<'_> {
     }
 }
 
-pub fn validate(c: &SiteConfig, locator: &Locator, file: &str) -> Vec<ConfigError> {
+pub(super) fn validate(c: &SiteConfig, locator: &Locator, file: &str) -> Vec<ConfigError> {
     let mut r = Report {
         file,
         locator,
@@ -197,7 +197,7 @@ fn mqtt_authority(r: &mut Report, m: &super::MqttConfig) {
 }
 
 /// What `ems check` should point out without refusing the file.
-pub fn warnings(c: &SiteConfig, locator: &Locator, file: &str) -> Vec<ConfigError> {
+pub(super) fn warnings(c: &SiteConfig, locator: &Locator, file: &str) -> Vec<ConfigError> {
     let mut r = Report {
         file,
         locator,

@@ -10,7 +10,7 @@ use super::PlanInputs;
 
 /// One class, its limits summed over its members (W, Wh).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Class {
+pub(super) struct Class {
     pub members: Vec<usize>,
     pub eta_c: f64,
     pub eta_d: f64,
@@ -29,7 +29,7 @@ pub struct Class {
 
 impl Class {
     /// The start lies within the bounds, so idling keeps them and they can be hard.
-    pub fn bounds_hold_at_start(&self) -> bool {
+    pub(super) fn bounds_hold_at_start(&self) -> bool {
         self.e0_wh >= self.lo_wh - 1e-9 && self.e0_wh <= self.hi_wh + 1e-9
     }
 }
@@ -51,7 +51,7 @@ fn key(i: &PlanInputs, k: usize) -> [f64; 9] {
     ]
 }
 
-pub fn classes(i: &PlanInputs) -> Vec<Class> {
+pub(super) fn classes(i: &PlanInputs) -> Vec<Class> {
     let mut keys: Vec<[f64; 9]> = Vec::new();
     let mut out: Vec<Class> = Vec::new();
     for (k, b) in i.batteries.iter().enumerate() {

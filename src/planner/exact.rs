@@ -42,7 +42,7 @@ const MAX_SOLVES: usize = 400;
 
 /// The plan found and how close to the optimum it is proven to be.
 #[derive(Debug, Clone)]
-pub struct Outcome {
+pub(super) struct Outcome {
     pub flows: Flows,
     pub objective: f64,
     /// No executable plan has an objective below this.
@@ -103,7 +103,7 @@ fn fixed(fix: &Fixings, c: Conflict, way: Way) -> Fixings {
 /// change, with less AC power), hybrids over their rating curtail their own PV, and the grid
 /// takes the difference, one way, curtailing PV where export would pass its limit. `None`
 /// when PV cannot be curtailed enough.
-pub fn repair(i: &PlanInputs, classes: &[Class], f: &Flows) -> Option<Flows> {
+pub(super) fn repair(i: &PlanInputs, classes: &[Class], f: &Flows) -> Option<Flows> {
     let dt_h = i.step_s / 3600.0;
     let mut g = f.clone();
     for (k, cl) in classes.iter().enumerate() {
@@ -315,7 +315,7 @@ fn diffused(i: &PlanInputs, classes: &[Class], fix: &Fixings, f: &Flows) -> Fixi
 
 /// The best executable plan within `GAP` of the optimum, or the best found when the search
 /// runs out of LP solves or time (its `bound` then says how far from the optimum it may be).
-pub fn search(i: &PlanInputs, classes: &[Class]) -> Result<Outcome, PlanError> {
+pub(super) fn search(i: &PlanInputs, classes: &[Class]) -> Result<Outcome, PlanError> {
     let mut s = Search {
         i,
         classes,

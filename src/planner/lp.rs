@@ -36,7 +36,7 @@ fn solver(
 
 /// The LP works in kW and kWh: watts against prices per kWh spread the coefficients over
 /// nine orders of magnitude, which an interior-point solver resolves poorly.
-pub const K: f64 = 1000.0;
+pub(super) const K: f64 = 1000.0;
 
 /// Per kWh moved through the grid or a battery: breaks ties between plans of equal cost
 /// towards the one that moves least, so the solver does not return a battery charging and
@@ -46,7 +46,7 @@ const TIE_BREAK_PER_KWH: f64 = 1e-6;
 
 /// Which way a battery or the grid connection may go in a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Way {
+pub(super) enum Way {
     /// Battery charges only / site imports only.
     In,
     /// Battery discharges only / site exports only.
@@ -55,7 +55,7 @@ pub enum Way {
 
 /// Directions fixed so far: per class and step, and per step for the grid.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Fixings {
+pub(super) struct Fixings {
     pub battery: Vec<Vec<Option<Way>>>,
     pub grid: Vec<Option<Way>>,
     /// Add the convex hull of each step's physical flows (`c/C + d/D ≤ 1`, the same for
@@ -65,7 +65,7 @@ pub struct Fixings {
 }
 
 impl Fixings {
-    pub fn none(classes: usize, steps: usize) -> Fixings {
+    pub(super) fn none(classes: usize, steps: usize) -> Fixings {
         Fixings {
             battery: vec![vec![None; steps]; classes],
             grid: vec![None; steps],
@@ -76,7 +76,7 @@ impl Fixings {
 
 /// A solution in W and Wh, per class (`[class][step]`) and per step.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Flows {
+pub(super) struct Flows {
     pub import_w: Vec<f64>,
     pub export_w: Vec<f64>,
     /// PV curtailed outside the hybrids (AC-coupled PV).
@@ -92,19 +92,19 @@ pub struct Flows {
 }
 
 /// PV forecast on a class's hybrids in step `t`.
-pub fn pv_on(i: &PlanInputs, c: &Class, t: usize) -> f64 {
+pub(super) fn pv_on(i: &PlanInputs, c: &Class, t: usize) -> f64 {
     i.pv_w[t] * c.pv_share
 }
 
 /// PV outside the hybrids.
-pub fn pv_elsewhere(i: &PlanInputs, classes: &[Class], t: usize) -> f64 {
+pub(super) fn pv_elsewhere(i: &PlanInputs, classes: &[Class], t: usize) -> f64 {
     let on: f64 = classes.iter().map(|c| c.pv_share).sum();
     i.pv_w[t] * (1.0 - on).max(0.0)
 }
 
 /// The most the site can import and export in step `t` (W): load plus every battery
 /// charging, or PV plus every battery discharging less the load, within the grid limits.
-pub fn grid_reach(i: &PlanInputs, classes: &[Class], t: usize) -> (f64, f64) {
+pub(super) fn grid_reach(i: &PlanInputs, classes: &[Class], t: usize) -> (f64, f64) {
     let max_c: f64 = classes.iter().map(|c| c.max_c_w).sum();
     let max_d: f64 = classes.iter().map(|c| c.max_d_w).sum();
     let most_in = (i.load_w[t] + max_c).min(i.import_cap_w(t).unwrap_or(f64::INFINITY));
@@ -113,12 +113,12 @@ pub fn grid_reach(i: &PlanInputs, classes: &[Class], t: usize) -> (f64, f64) {
 }
 
 /// Whether a class's AC rating can bind in step `t`: PV and full discharge above it.
-pub fn rating_binds(i: &PlanInputs, c: &Class, t: usize) -> bool {
+pub(super) fn rating_binds(i: &PlanInputs, c: &Class, t: usize) -> bool {
     c.rated_w.is_finite() && pv_on(i, c, t) + c.max_d_w > c.rated_w
 }
 
 /// The value of the energy left at the end, per kWh, for a class.
-pub fn terminal_value(i: &PlanInputs, c: &Class) -> f64 {
+pub(super) fn terminal_value(i: &PlanInputs, c: &Class) -> f64 {
     let mean_import = i.import_price.iter().sum::<f64>() / i.steps().max(1) as f64;
     i.terminal_value_per_kwh.unwrap_or(mean_import * c.eta_d)
 }
@@ -126,7 +126,7 @@ pub fn terminal_value(i: &PlanInputs, c: &Class) -> f64 {
 /// The objective of a solution: energy cost, cycling cost, SOC penalties and tie-breaks,
 /// less the value of the energy left. The same sum the LP minimises, so a repaired
 /// solution and an LP's can be compared.
-pub fn objective(i: &PlanInputs, classes: &[Class], f: &Flows) -> f64 {
+pub(super) fn objective(i: &PlanInputs, classes: &[Class], f: &Flows) -> f64 {
     let dt_h = i.step_s / 3600.0;
     let n = i.steps();
     let mut total = 0.0;
@@ -256,7 +256,7 @@ fn lp_objective(i: &PlanInputs, classes: &[Class], v: &Vars) -> Expression {
 
 /// Solve the LP with the directions in `fix`. `Ok(None)` when those directions leave no
 /// feasible plan.
-pub fn solve_fixed(
+pub(super) fn solve_fixed(
     i: &PlanInputs,
     classes: &[Class],
     fix: &Fixings,

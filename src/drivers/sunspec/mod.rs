@@ -11,8 +11,8 @@
 //!   it, else 123; storage through 124. Each write carries a revert timer, so a unit the EMS
 //!   stops talking to falls back by itself (see [`inverter`] for what it falls back to).
 
-pub(crate) mod inverter;
-pub(crate) mod meter;
+pub mod inverter;
+pub mod meter;
 pub mod models;
 pub mod points;
 
