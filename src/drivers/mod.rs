@@ -11,6 +11,28 @@ use serde::Serialize;
 
 use crate::config::{MeterRole, Phase};
 
+/// What a unit is told, in our signs, whatever its driver: each driver encodes it (and
+/// clamps it to the unit's rating and registers).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Command {
+    /// + discharge, − charge.
+    pub battery_w: f64,
+    /// Most AC power the unit may deliver.
+    pub output_cap_w: f64,
+}
+
+/// Every fault and warning flag the driver for `model` reports, for metrics that exist
+/// before the first fault does.
+pub fn fault_flags(
+    model: crate::config::InverterModel,
+) -> Box<dyn Iterator<Item = (&'static str, Severity)>> {
+    if model.is_saj() {
+        Box::new(saj::fault_flags())
+    } else {
+        Box::new(sunspec::inverter::EVENT_BITS.iter().copied())
+    }
+}
+
 /// Modbus register table a block is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Table {

@@ -696,14 +696,7 @@ pub fn watts_to_permille(power_w: f64, rated_power_w: f64, max_permille: u16) ->
     permille.clamp(0.0, f64::from(max_permille)) as u16
 }
 
-/// A battery and output-cap command for one unit, in our signs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Command {
-    /// + discharge, − charge.
-    pub battery_w: f64,
-    /// Most AC power the unit may deliver.
-    pub output_cap_w: f64,
-}
+pub use super::Command;
 
 /// Registers the EMS takes over while it controls a unit, and gives back on shutdown.
 pub const CONTROLLED: [u16; 6] = [

@@ -13,7 +13,7 @@ use crate::config::{LinkKind, MeterRole, OnStop, SiteConfig};
 use crate::control::{self, Decision};
 use crate::dr::book::SharedBook;
 use crate::dr::DrEvent;
-use crate::drivers::saj;
+use crate::drivers::Command;
 use crate::io::actuation::{Actuator, Setpoint};
 use crate::io::contacts::Contacts;
 use crate::io::link::Link;
@@ -272,7 +272,7 @@ impl Devices {
                 let safe_cap_w = safe_caps_w.get(k).copied().unwrap_or(0.0);
                 Some(async move {
                     let sp = Setpoint {
-                        command: saj::Command {
+                        command: Command {
                             battery_w: sp.battery_w,
                             output_cap_w: sp.output_cap_w,
                         },

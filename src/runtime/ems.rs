@@ -181,7 +181,7 @@ impl Ems {
         }
         for i in &config.inverters {
             metrics.register_device(&i.link, &i.id);
-            metrics.register_inverter(&i.id);
+            metrics.register_inverter(&i.id, i.model);
         }
         let devices = Devices::new(&config, metrics.clone(), &load_originals(&config));
         let writer = config

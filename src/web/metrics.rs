@@ -192,8 +192,8 @@ impl Metrics {
     }
 
     /// An inverter's fault and warning flags from the fault tables, each at 0 until raised.
-    pub fn register_inverter(&self, device: &str) {
-        for (name, severity) in crate::drivers::saj::fault_flags() {
+    pub fn register_inverter(&self, device: &str, model: crate::config::InverterModel) {
+        for (name, severity) in crate::drivers::fault_flags(model) {
             self.inverter_fault
                 .with_label_values(&[device, name, severity_label(severity)])
                 .set(0.0);

@@ -15,7 +15,7 @@ pub mod sunspec;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::drivers::saj::Command;
+use crate::drivers::Command;
 use crate::io::link::{Link, LinkError};
 use crate::io::poll::SunSpecTarget;
 use crate::io::IoObserver;
