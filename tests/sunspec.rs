@@ -484,3 +484,89 @@ fn our_model_tables_match_the_official_definitions() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_der_unit_701_704_802_is_read_and_limited_with_its_reversion_values() {
+    // An IEEE 1547-style unit: measurements in 701, controls in 704, a battery in 802.
+    let slave = Slave::start(&json!({"models": [
+        {"id": 1, "values": {"Mn": "Reference", "Md": "DER", "SN": "REF-701"}},
+        {"id": 701, "values": {
+            "ACType": 2, "InvSt": 3, "Alrm": 0,
+            "W_SF": 1, "W": -2500, "WL1": -830, "WL2": -840, "WL3": -830,
+            "V_SF": -1, "VL1": 231.2, "VL2": 230.4, "VL3": 229.9,
+            "A_SF": -2, "AL1": -3.59, "AL2": -3.65, "AL3": -3.61,
+            "Hz_SF": -3, "Hz": 49.987
+        }},
+        {"id": 704, "values": {"WMaxLimPct_SF": -1, "WMaxLimPctEna": 0, "WMaxLimPct": 100}},
+        {"id": 802, "values": {
+            "SoC_SF": -1, "SoC": 64.5, "W_SF": 0, "W": -2600, "V_SF": -1, "V": 402.5,
+            "A_SF": -1, "A": -6.5, "LocRemCtl": 0, "Typ": 4, "State": 3
+        }}
+    ]}));
+    let cfg = InverterConfig {
+        id: "der".into(),
+        model: InverterModel::Sunspec,
+        rated_power_w: 5000.0,
+        phases: Some(3),
+        phase: None,
+        link: "slave".into(),
+        unit_id: 1,
+        battery: Some(BatteryConfig {
+            capacity_wh: 10_000.0,
+            max_charge_w: 5000.0,
+            max_discharge_w: 5000.0,
+            charge_efficiency: 0.95,
+            discharge_efficiency: 0.95,
+            soc_min_pct: 10.0,
+            soc_max_pct: 100.0,
+        }),
+        pv_peak_w: None,
+    };
+    let mut poller = InverterPoller::new(cfg, slave.link(), false);
+    poller.poll(Duration::ZERO, Duration::from_secs(1)).await;
+    assert!(
+        poller.fresh.last_error.is_none(),
+        "{:?}",
+        poller.fresh.last_error
+    );
+    let r = poller.reading.clone().unwrap();
+    assert_eq!(r.ac_power_w, -2500.0, "W −250 × 10^1");
+    assert_eq!(r.phases[1].power_w, -840.0);
+    assert!((r.phases[2].voltage_v - 229.9).abs() < 1e-9);
+    assert!((r.phases[0].current_a + 3.59).abs() < 1e-9);
+    assert!((r.frequency_hz - 49.987).abs() < 1e-9);
+    assert!((r.soc_pct - 64.5).abs() < 1e-9);
+    assert_eq!(r.battery_power_w, -2600.0, "802 W, + discharge");
+    assert_eq!(
+        poller
+            .sunspec()
+            .unwrap()
+            .models
+            .as_ref()
+            .unwrap()
+            .curtail
+            .unwrap()
+            .model_id(),
+        704
+    );
+
+    // A 2000 W cap, the safe cap 500 W, a 5 s timer: as the standard reads them back.
+    let target = poller.sunspec_target();
+    let mut act = SunSpecActuator::new(Arc::from("der"), 1, slave.link(), Duration::from_secs(5));
+    let sp = Setpoint {
+        command: saj::Command {
+            battery_w: 0.0,
+            output_cap_w: 2000.0,
+        },
+        safe_cap_w: 500.0,
+    };
+    act.apply(&sp, target.as_ref(), Duration::ZERO, true)
+        .await
+        .unwrap();
+    let back = slave.read();
+    assert_eq!(point(&back, 704, "WMaxLimPctEna"), &json!(1));
+    assert_eq!(point(&back, 704, "WMaxLimPct"), &json!(40.0));
+    assert_eq!(point(&back, 704, "WMaxLimPctRvrt"), &json!(10.0));
+    assert_eq!(point(&back, 704, "WMaxLimPctEnaRvrt"), &json!(1));
+    assert_eq!(point(&back, 704, "WMaxLimPctRvrtTms"), &json!(5));
+}
