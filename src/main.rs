@@ -166,7 +166,7 @@ fn check(files: &[PathBuf]) -> ExitCode {
                     file.display(),
                     c.inverters.len(),
                     c.meters.len(),
-                    c.export_limit.mode.as_str()
+                    c.export_limit.mode().as_str()
                 )
             }
             Err(e) => {
@@ -296,7 +296,7 @@ async fn simulate(file: &Path, port_base: Option<u16>) -> Result<(), String> {
         println!(
             "simulated bus {link}: modbus rtu {} {} baud: {}",
             path.display(),
-            l.and_then(|l| l.baud).unwrap_or(9600),
+            l.map_or(9600, |l| l.baud_rate()),
             units.join(", ")
         );
     }

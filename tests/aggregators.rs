@@ -34,7 +34,7 @@ fn mqtt(port: u16, prefix: &str) -> MqttConfig {
 
 fn site(m: MqttConfig) -> SiteConfig {
     let mut c = fast_site("sites/demo.yaml");
-    c.export_limit.limit_w = Some(100_000.0);
+    c.export_limit = site_ems::config::GridLimitConfig::TotalPower { limit_w: 100_000.0 };
     c.simulation.initial_soc_pct = 100.0;
     c.simulation.load_noise_pct = 0.0;
     c.dr = Some(DrConfig {

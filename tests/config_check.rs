@@ -206,15 +206,41 @@ fn meter_address_rules() {
 
 #[test]
 fn limit_and_reference_errors() {
-    let text = format!("{BASE}{}", inverter("a", "nowhere", 1, "saj-h2")).replace(
-        "mode: total_power\n  limit_w: 0",
-        "mode: phase_current\n  limit_w: 0",
-    );
+    let text = format!("{BASE}{}", inverter("a", "nowhere", 1, "saj-h2"));
     let errs = errors(&text);
     assert!(errs
         .iter()
         .any(|e| e.message.contains("no link named `nowhere`") && e.hint.contains("lan1")));
-    assert!(errs.iter().any(|e| e.message.contains("needs `limit_a`")));
+
+    // A limit is parsed into its mode and the one value that mode takes: a value for the
+    // other mode is refused at the mode.
+    for (from, to, says) in [
+        (
+            "mode: total_power\n  limit_w: 0",
+            "mode: phase_current\n  limit_w: 0",
+            "needs `limit_a`",
+        ),
+        (
+            "mode: total_power\n  limit_w: 0",
+            "mode: total_power\n  limit_a: 40",
+            "needs `limit_w`",
+        ),
+        (
+            "mode: total_power\n  limit_w: 0",
+            "mode: phase_power\n  limit_w: 0\n  limit_a: 40",
+            "takes `limit_w` only",
+        ),
+    ] {
+        let text = format!("{BASE}{}", inverter("a", "lan1", 1, "saj-h2")).replace(from, to);
+        let e = &errors(&text)[0];
+        assert!(e.message.contains(says), "{e}");
+        assert_eq!(
+            e.line,
+            line_of(&text, "export_limit:") + 1,
+            "at the mode: {e}"
+        );
+        assert!(e.hint.contains("limit_a (A per phase)"), "{e}");
+    }
 }
 
 #[test]

@@ -23,7 +23,7 @@ fn exporting_demo() -> SiteConfig {
     let mut c = fast_site("sites/demo.yaml");
     c.control.cycle_ms = 1000;
     c.control.stale_after_s = 3.0;
-    c.export_limit.limit_w = Some(100_000.0);
+    c.export_limit = site_ems::config::GridLimitConfig::TotalPower { limit_w: 100_000.0 };
     c.simulation.initial_soc_pct = 100.0;
     c.simulation.load_noise_pct = 0.0;
     c
@@ -600,5 +600,15 @@ async fn the_readme_dr_example_works_on_the_demo() {
     assert_eq!(code, 400, "{reply}");
     let why = reply["error"].as_str().unwrap_or_default();
     assert!(why.contains("100000 W (discharge)"), "{reply}");
+
+    // Beyond the grid connection (the demo's main fuse: 100 A × 230 V × 3 = 69 kW): refused.
+    for (field, v) in [("export_limit_w", 1e9), ("import_limit_w", 70_000.0)] {
+        let body = json!({"id": format!("beyond-{field}"), "start": "2026-06-21T11:00:00Z",
+                          "end": "2026-06-21T12:00:00Z", field: v});
+        let (code, reply) = post(&h, Some(token), body.to_string()).await;
+        assert_eq!(code, 400, "{field}: {reply}");
+        let why = reply["error"].as_str().unwrap_or_default();
+        assert!(why.contains("at most 69000 W"), "{reply}");
+    }
     h.stop().await;
 }

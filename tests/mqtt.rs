@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 fn site(port: u16) -> SiteConfig {
     let mut c = fast_site("sites/demo.yaml");
-    c.export_limit.limit_w = Some(100_000.0);
+    c.export_limit = site_ems::config::GridLimitConfig::TotalPower { limit_w: 100_000.0 };
     c.simulation.initial_soc_pct = 100.0;
     c.simulation.load_noise_pct = 0.0;
     c.dr = Some(DrConfig {

@@ -21,9 +21,9 @@ pub use locate::{Locator, PathSeg};
 pub struct SiteConfig {
     pub site: SiteInfo,
     pub grid: GridConfig,
-    pub export_limit: ExportLimitConfig,
+    pub export_limit: GridLimitConfig,
     #[serde(default)]
-    pub import_limit: Option<ImportLimitConfig>,
+    pub import_limit: Option<GridLimitConfig>,
     #[serde(default)]
     pub control: ControlConfig,
     #[serde(default)]
@@ -167,6 +167,11 @@ fn default_losses_pct() -> f64 {
 }
 
 impl ArrayConfig {
+    /// The inverter's AC limit on this array, W (no limit when not given).
+    pub fn ac_cap_w(&self) -> f64 {
+        self.ac_limit_w.unwrap_or(f64::INFINITY)
+    }
+
     pub fn array(&self) -> crate::sky::Array {
         crate::sky::Array {
             kwp: self.kwp,
@@ -537,27 +542,99 @@ impl LimitMode {
     }
 }
 
-/// The export limit of the grid connection agreement. Exactly one of `limit_w` (power modes)
-/// or `limit_a` (`phase_current`) is given.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportLimitConfig {
-    pub mode: LimitMode,
-    #[serde(default)]
-    pub limit_w: Option<f64>,
-    #[serde(default)]
-    pub limit_a: Option<f64>,
+/// A limit at the grid connection (the export limit of the connection agreement, or the
+/// import limit of a main fuse or peak shaving), with the one value its mode takes. Parsed
+/// from `mode` and `limit_w` or `limit_a`; a value missing for its mode, or given for the
+/// other mode, is an error at load.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "RawGridLimit")]
+pub enum GridLimitConfig {
+    /// Sum of all phases, W.
+    TotalPower { limit_w: f64 },
+    /// Every phase's power, W.
+    PhasePower { limit_w: f64 },
+    /// Every phase's current, A.
+    PhaseCurrent { limit_a: f64 },
 }
 
-/// Import limit (main fuse or peak shaving); same modes as the export limit.
-#[derive(Debug, Clone, Deserialize)]
+impl GridLimitConfig {
+    pub fn mode(self) -> LimitMode {
+        match self {
+            GridLimitConfig::TotalPower { .. } => LimitMode::TotalPower,
+            GridLimitConfig::PhasePower { .. } => LimitMode::PhasePower,
+            GridLimitConfig::PhaseCurrent { .. } => LimitMode::PhaseCurrent,
+        }
+    }
+
+    /// The limit in W, for the power modes.
+    pub fn limit_w(self) -> Option<f64> {
+        match self {
+            GridLimitConfig::TotalPower { limit_w } | GridLimitConfig::PhasePower { limit_w } => {
+                Some(limit_w)
+            }
+            GridLimitConfig::PhaseCurrent { .. } => None,
+        }
+    }
+
+    /// The limit over all `phases` together, W (a current at `nominal_v`).
+    pub fn total_w(self, phases: u8, nominal_v: f64) -> f64 {
+        let phases = f64::from(phases);
+        match self {
+            GridLimitConfig::TotalPower { limit_w } => limit_w,
+            GridLimitConfig::PhasePower { limit_w } => limit_w * phases,
+            GridLimitConfig::PhaseCurrent { limit_a } => limit_a * nominal_v * phases,
+        }
+    }
+
+    /// The limit in A per phase, for `phase_current`.
+    pub fn limit_a(self) -> Option<f64> {
+        match self {
+            GridLimitConfig::PhaseCurrent { limit_a } => Some(limit_a),
+            _ => None,
+        }
+    }
+}
+
+/// A grid limit as written: checked into a [`GridLimitConfig`].
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ImportLimitConfig {
-    pub mode: LimitMode,
+struct RawGridLimit {
+    mode: LimitMode,
     #[serde(default)]
-    pub limit_w: Option<f64>,
+    limit_w: Option<f64>,
     #[serde(default)]
-    pub limit_a: Option<f64>,
+    limit_a: Option<f64>,
+}
+
+impl TryFrom<RawGridLimit> for GridLimitConfig {
+    type Error = String;
+
+    fn try_from(r: RawGridLimit) -> Result<GridLimitConfig, String> {
+        let mode = r.mode.as_str();
+        match (r.mode, r.limit_w, r.limit_a) {
+            (LimitMode::TotalPower, Some(limit_w), None) => {
+                Ok(GridLimitConfig::TotalPower { limit_w })
+            }
+            (LimitMode::PhasePower, Some(limit_w), None) => {
+                Ok(GridLimitConfig::PhasePower { limit_w })
+            }
+            (LimitMode::PhaseCurrent, None, Some(limit_a)) => {
+                Ok(GridLimitConfig::PhaseCurrent { limit_a })
+            }
+            (LimitMode::PhaseCurrent, _, None) => Err(format!(
+                "mode `{mode}` needs `limit_a` (amperes per phase), not limit_w"
+            )),
+            (LimitMode::PhaseCurrent, Some(_), Some(_)) => Err(format!(
+                "mode `{mode}` takes `limit_a` only: remove limit_w"
+            )),
+            (_, None, _) => Err(format!(
+                "mode `{mode}` needs `limit_w` (watts; 0 means none), not limit_a"
+            )),
+            (_, Some(_), Some(_)) => Err(format!(
+                "mode `{mode}` takes `limit_w` only: remove limit_a"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -733,6 +810,17 @@ pub struct WorkingModeConfig {
     pub reserve_soc_pct: Option<f64>,
 }
 
+impl WorkingModeConfig {
+    /// The SOC kept for outages, %: the reserve in `backup` mode (which validation requires
+    /// to be given), none in the other modes.
+    pub fn reserve_pct(&self) -> f64 {
+        match (self.mode, self.reserve_soc_pct) {
+            (WorkingMode::Backup, Some(pct)) => pct,
+            _ => 0.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TouKind {
@@ -842,6 +930,36 @@ pub struct LinkConfig {
 }
 
 impl LinkConfig {
+    /// A TCP link's host and port (502, the Modbus TCP port, unless given); `None` on an
+    /// RTU link or one without a host (validation refuses both for `type: tcp`).
+    pub fn tcp_endpoint(&self) -> Option<(&str, u16)> {
+        match (self.kind, self.host.as_deref()) {
+            (LinkKind::Tcp, Some(host)) if !host.is_empty() => {
+                Some((host, self.port.unwrap_or(502)))
+            }
+            _ => None,
+        }
+    }
+
+    /// An RTU link's serial device; `None` on a TCP link or one without a device.
+    pub fn serial_device(&self) -> Option<&str> {
+        match (self.kind, self.device.as_deref()) {
+            (LinkKind::Rtu, Some(d)) if !d.is_empty() => Some(d),
+            _ => None,
+        }
+    }
+
+    /// An RTU link's line speed (validation requires it on `type: rtu`); 9600, the devices'
+    /// factory setting, stands in on a TCP link, where it only sizes nothing.
+    pub fn baud_rate(&self) -> u32 {
+        self.baud.unwrap_or(9600)
+    }
+
+    /// Two stop bits rather than one (8N1 when not given).
+    pub fn two_stop_bits(&self) -> bool {
+        self.stop_bits == Some(2)
+    }
+
     pub fn timeout_ms(&self) -> u64 {
         self.timeout_ms.unwrap_or(match self.kind {
             LinkKind::Tcp => 500,
@@ -1168,7 +1286,28 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+impl PvForecastConfig {
+    /// The air's Linke turbidity for the clear-sky model: as given, or the model's default.
+    pub fn linke(&self) -> f64 {
+        self.linke_turbidity
+            .unwrap_or(crate::sky::DEFAULT_LINKE_TURBIDITY)
+    }
+}
+
+impl LoadForecastConfig {
+    /// The hourly load profile, W (none given: no load beyond what is measured).
+    pub fn profile(&self) -> Vec<f64> {
+        self.profile_w.clone().unwrap_or_else(|| vec![0.0; 24])
+    }
+}
+
 impl SiteConfig {
+    /// The demand-response settings: as given, or the defaults (HTTP events off, the
+    /// intake caps, no OpenADR level limits) for a site file without `dr:`.
+    pub fn dr_settings(&self) -> DrConfig {
+        self.dr.clone().unwrap_or_default()
+    }
+
     /// Read, parse and validate a site file.
     pub fn load(path: &Path) -> Result<SiteConfig, ConfigErrors> {
         let (config, warnings) = SiteConfig::load_with_warnings(path)?;
@@ -1292,6 +1431,8 @@ fn parse_hint(message: &str) -> String {
         "use an IANA timezone name such as Europe/London or Australia/Sydney".into()
     } else if message.contains("is not a time of day") {
         "write the time as HH:MM in the site timezone, e.g. 01:30".into()
+    } else if message.contains("needs `limit_") || message.contains("takes `limit_") {
+        "give the one value the mode takes: limit_w (W) for total_power and phase_power, limit_a (A per phase) for phase_current".into()
     } else if message.contains("invalid type") {
         "give a value of the type the message expects (numbers without quotes, lists with '-')"
             .into()

@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use super::{
-    ConfigError, LimitMode, LinkKind, Locator, MeterModel, MeterRole, OnStop, PathSeg, SiteConfig,
-    WorkingMode,
+    ConfigError, GridLimitConfig, LinkKind, Locator, MeterModel, MeterRole, OnStop, PathSeg,
+    SiteConfig, WorkingMode,
 };
 use crate::path;
 
@@ -625,55 +625,24 @@ fn site_and_grid(c: &SiteConfig, r: &mut Report) {
     }
 }
 
-fn check_limit(
-    r: &mut Report,
-    section: &str,
-    mode: LimitMode,
-    limit_w: Option<f64>,
-    limit_a: Option<f64>,
-) {
-    match mode {
-        LimitMode::TotalPower | LimitMode::PhasePower => {
-            match limit_w {
-                None => r.err(
-                    path![section],
-                    format!("{section} mode `{}` needs `limit_w`", mode.as_str()),
-                    "add `limit_w: <watts>` (0 means no export)",
-                ),
-                Some(w) if !(0.0..=1.0e7).contains(&w) || w.is_nan() => r.err(
-                    path![section, "limit_w"],
-                    format!("limit_w {w} is out of range"),
-                    "give a power between 0 and 10 000 000 W",
-                ),
-                _ => {}
-            }
-            if limit_a.is_some() {
+/// The limit's value within physical bounds (its mode and value are checked at parse).
+fn check_limit(r: &mut Report, section: &str, limit: GridLimitConfig) {
+    match limit {
+        GridLimitConfig::TotalPower { limit_w } | GridLimitConfig::PhasePower { limit_w } => {
+            if !(0.0..=1.0e7).contains(&limit_w) || limit_w.is_nan() {
                 r.err(
-                    path![section, "limit_a"],
-                    format!("`limit_a` does not apply to mode `{}`", mode.as_str()),
-                    "remove `limit_a`, or use `mode: phase_current`",
+                    path![section, "limit_w"],
+                    format!("limit_w {limit_w} is out of range"),
+                    "give a power between 0 and 10 000 000 W",
                 );
             }
         }
-        LimitMode::PhaseCurrent => {
-            match limit_a {
-                None => r.err(
-                    path![section],
-                    format!("{section} mode `phase_current` needs `limit_a`"),
-                    "add `limit_a: <amperes per phase>`",
-                ),
-                Some(a) if !(0.0..=10_000.0).contains(&a) || a.is_nan() => r.err(
-                    path![section, "limit_a"],
-                    format!("limit_a {a} is out of range"),
-                    "give a current between 0 and 10 000 A",
-                ),
-                _ => {}
-            }
-            if limit_w.is_some() {
+        GridLimitConfig::PhaseCurrent { limit_a } => {
+            if !(0.0..=10_000.0).contains(&limit_a) || limit_a.is_nan() {
                 r.err(
-                    path![section, "limit_w"],
-                    "`limit_w` does not apply to mode `phase_current`",
-                    "remove `limit_w`, or use `mode: total_power` or `phase_power`",
+                    path![section, "limit_a"],
+                    format!("limit_a {limit_a} is out of range"),
+                    "give a current between 0 and 10 000 A",
                 );
             }
         }
@@ -681,10 +650,9 @@ fn check_limit(
 }
 
 fn limits(c: &SiteConfig, r: &mut Report) {
-    let e = &c.export_limit;
-    check_limit(r, "export_limit", e.mode, e.limit_w, e.limit_a);
-    if let Some(i) = &c.import_limit {
-        check_limit(r, "import_limit", i.mode, i.limit_w, i.limit_a);
+    check_limit(r, "export_limit", c.export_limit);
+    if let Some(i) = c.import_limit {
+        check_limit(r, "import_limit", i);
     }
 }
 

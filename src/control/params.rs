@@ -4,7 +4,7 @@ use chrono_tz::Tz;
 
 use crate::calendar::Window;
 use crate::config::{
-    ConflictPriority, LimitMode, Phase, SiteConfig, TouKind, WorkingMode, WorkingModeConfig,
+    ConflictPriority, GridLimitConfig, Phase, SiteConfig, TouKind, WorkingMode, WorkingModeConfig,
 };
 
 /// A limit at the grid connection, per phase or for the sum of phases.
@@ -18,12 +18,12 @@ pub enum GridLimit {
     PhaseCurrent(f64),
 }
 
-impl GridLimit {
-    fn from_parts(mode: LimitMode, limit_w: Option<f64>, limit_a: Option<f64>) -> GridLimit {
-        match mode {
-            LimitMode::TotalPower => GridLimit::Total(limit_w.unwrap_or(0.0)),
-            LimitMode::PhasePower => GridLimit::PhasePower(limit_w.unwrap_or(0.0)),
-            LimitMode::PhaseCurrent => GridLimit::PhaseCurrent(limit_a.unwrap_or(0.0)),
+impl From<GridLimitConfig> for GridLimit {
+    fn from(c: GridLimitConfig) -> GridLimit {
+        match c {
+            GridLimitConfig::TotalPower { limit_w } => GridLimit::Total(limit_w),
+            GridLimitConfig::PhasePower { limit_w } => GridLimit::PhasePower(limit_w),
+            GridLimitConfig::PhaseCurrent { limit_a } => GridLimit::PhaseCurrent(limit_a),
         }
     }
 }
@@ -132,7 +132,7 @@ pub fn mode_params(w: &WorkingModeConfig, tz: Tz) -> ModeParams {
                 power_w: p.power_w,
             })
             .collect(),
-        reserve_soc_pct: w.reserve_soc_pct.unwrap_or(0.0),
+        reserve_soc_pct: w.reserve_pct(),
     }
 }
 
@@ -142,15 +142,8 @@ impl ControlParams {
         ControlParams {
             phases: c.phases(),
             nominal_v: c.grid.nominal_voltage_v,
-            export: GridLimit::from_parts(
-                c.export_limit.mode,
-                c.export_limit.limit_w,
-                c.export_limit.limit_a,
-            ),
-            import: c
-                .import_limit
-                .as_ref()
-                .map(|i| GridLimit::from_parts(i.mode, i.limit_w, i.limit_a)),
+            export: GridLimit::from(c.export_limit),
+            import: c.import_limit.map(GridLimit::from),
             margin_w: c.control.grid_margin_w,
             ramp_pct_per_s: c.control.ramp_pct_per_s,
             deadband_w: c.control.deadband_w,

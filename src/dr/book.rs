@@ -117,6 +117,9 @@ pub struct Intake {
     /// What the fleet's batteries can do, W (most charge, most discharge): a
     /// `fleet_battery_w` outside it is refused, not clamped out of sight later.
     pub fleet_battery_w: Option<(f64, f64)>,
+    /// What the grid connection carries, W over all phases (from the site's import limit,
+    /// its main fuse): an export or import limit, or a grid target, beyond it is refused.
+    pub connection_w: Option<f64>,
 }
 
 impl Intake {
@@ -131,7 +134,23 @@ impl Intake {
                 )));
             }
         }
-        Ok(())
+        let beyond = |what: &str, w: f64, cap: f64| {
+            Err(BookError::Invalid(format!(
+                "{what} {w} W is beyond the grid connection: it carries at most {cap:.0} W (the site's import limit)"
+            )))
+        };
+        match (command, self.connection_w) {
+            (DrCommand::ExportLimitW(w), Some(cap)) if *w > cap => {
+                beyond("export_limit_w", *w, cap)
+            }
+            (DrCommand::ImportLimitW(w), Some(cap)) if *w > cap => {
+                beyond("import_limit_w", *w, cap)
+            }
+            (DrCommand::GridTargetW(w), Some(cap)) if w.abs() > cap => {
+                beyond("grid_target_w", *w, cap)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -143,6 +162,7 @@ impl Default for Intake {
             max_events: d.max_events,
             max_per_min: d.max_events_per_min,
             fleet_battery_w: None,
+            connection_w: None,
         }
     }
 }

@@ -191,8 +191,9 @@ pub fn inter_frame_gap(baud: u32) -> Duration {
 async fn connect(cfg: &LinkConfig) -> std::io::Result<Context> {
     match cfg.kind {
         LinkKind::Tcp => {
-            let host = cfg.host.as_deref().unwrap_or("127.0.0.1");
-            let port = cfg.port.unwrap_or(502);
+            let (host, port) = cfg.tcp_endpoint().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "tcp link without a host")
+            })?;
             let addr = tokio::net::lookup_host((host, port))
                 .await?
                 .next()
@@ -205,15 +206,20 @@ async fn connect(cfg: &LinkConfig) -> std::io::Result<Context> {
         }
         LinkKind::Rtu => {
             use tokio_serial::SerialPortBuilderExt;
-            let device = cfg.device.as_deref().unwrap_or_default();
-            let port = tokio_serial::new(device, cfg.baud.unwrap_or(9600))
+            let device = cfg.serial_device().ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "rtu link without a device",
+                )
+            })?;
+            let port = tokio_serial::new(device, cfg.baud_rate())
                 .data_bits(tokio_serial::DataBits::Eight)
                 .parity(match cfg.parity {
                     Parity::None => tokio_serial::Parity::None,
                     Parity::Even => tokio_serial::Parity::Even,
                     Parity::Odd => tokio_serial::Parity::Odd,
                 })
-                .stop_bits(if cfg.stop_bits == Some(2) {
+                .stop_bits(if cfg.two_stop_bits() {
                     tokio_serial::StopBits::Two
                 } else {
                     tokio_serial::StopBits::One
@@ -253,7 +259,7 @@ async fn run(
     wire_ns: Arc<AtomicU64>,
 ) {
     let request_timeout = Duration::from_millis(cfg.timeout_ms());
-    let baud = cfg.baud.unwrap_or(9600);
+    let baud = cfg.baud_rate();
     let gap = match cfg.kind {
         LinkKind::Rtu => Some(cfg.gap_ms.map_or_else(
             || inter_frame_gap(baud),

@@ -10,7 +10,7 @@ use super::series::Series;
 use super::weather::WeatherForecast;
 use super::{Battery, PlanInputs, Sources};
 use crate::config::{
-    LimitMode, LoadForecastConfig, PlannerConfig, PriceSource, PvForecastConfig, SiteConfig,
+    GridLimitConfig, LoadForecastConfig, PlannerConfig, PriceSource, PvForecastConfig, SiteConfig,
 };
 use crate::solar::clear_sky;
 use crate::store::Store;
@@ -201,15 +201,9 @@ fn pv_source(
     }
     if let (Some(loc), false) = (&c.site.location, p.arrays.is_empty()) {
         let kwp: f64 = p.arrays.iter().map(|a| a.kwp).sum();
-        let linke = p
-            .linke_turbidity
-            .unwrap_or(crate::sky::DEFAULT_LINKE_TURBIDITY);
+        let linke = p.linke();
         let place = loc.place();
-        let arrays: Vec<_> = p
-            .arrays
-            .iter()
-            .map(|a| (a.array(), a.ac_limit_w.unwrap_or(f64::INFINITY)))
-            .collect();
+        let arrays: Vec<_> = p.arrays.iter().map(|a| (a.array(), a.ac_cap_w())).collect();
         let tz: Tz = c.site.timezone.tz();
         let correction = match history {
             Some((store, start)) if p.learn_days > 0 => {
@@ -290,9 +284,7 @@ fn load_source<'a>(
             fallback: l.profile_w.clone(),
         });
     }
-    Ok(LoadSource::Profile(
-        l.profile_w.clone().unwrap_or_else(|| vec![0.0; 24]),
-    ))
+    Ok(LoadSource::Profile(l.profile()))
 }
 
 /// Import and export price per kWh at `t`, from the site file's sources (CSV files are
@@ -312,18 +304,8 @@ pub fn prices_at(
 }
 
 /// The grid limit as a total over phases (the guard loop holds the per-phase limits).
-fn total_limit_w(
-    c: &SiteConfig,
-    mode: LimitMode,
-    limit_w: Option<f64>,
-    limit_a: Option<f64>,
-) -> f64 {
-    let phases = f64::from(c.grid.phases);
-    match mode {
-        LimitMode::TotalPower => limit_w.unwrap_or(0.0),
-        LimitMode::PhasePower => limit_w.unwrap_or(0.0) * phases,
-        LimitMode::PhaseCurrent => limit_a.unwrap_or(0.0) * c.grid.nominal_voltage_v * phases,
-    }
+fn total_limit_w(c: &SiteConfig, limit: GridLimitConfig) -> f64 {
+    limit.total_w(c.grid.phases, c.grid.nominal_voltage_v)
 }
 
 /// Build the inputs for a plan starting at `start` (rounded down to a step), with the
@@ -365,21 +347,10 @@ pub fn from_config(
         pv_w: Vec::with_capacity(n),
         load_w: Vec::with_capacity(n),
         batteries: Vec::new(),
-        export_limit_w: total_limit_w(
-            c,
-            c.export_limit.mode,
-            c.export_limit.limit_w,
-            c.export_limit.limit_a,
-        ),
-        import_limit_w: c
-            .import_limit
-            .as_ref()
-            .map(|i| total_limit_w(c, i.mode, i.limit_w, i.limit_a)),
+        export_limit_w: total_limit_w(c, c.export_limit),
+        import_limit_w: c.import_limit.map(|i| total_limit_w(c, i)),
         dr_limits_w: Vec::new(),
-        reserve_pct: match c.working_mode.mode {
-            crate::config::WorkingMode::Backup => c.working_mode.reserve_soc_pct.unwrap_or(0.0),
-            _ => 0.0,
-        },
+        reserve_pct: c.working_mode.reserve_pct(),
         cycling_cost_per_kwh: p.cycling_cost_per_kwh,
         soc_penalty_per_kwh: p.soc_penalty_per_kwh,
         terminal_value_per_kwh: p.terminal_value_per_kwh,

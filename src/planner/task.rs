@@ -186,11 +186,7 @@ pub fn dr_step_limits(
         return Vec::new();
     }
     let fleet_rated_w: f64 = config.inverters.iter().map(|i| i.rated_power_w).sum();
-    let levels: [LevelLimits; 4] = config
-        .dr
-        .as_ref()
-        .map(|d| d.openadr_levels)
-        .unwrap_or_default();
+    let levels: [LevelLimits; 4] = config.dr_settings().openadr_levels;
     (0..inputs.steps())
         .map(|k| {
             let t = inputs.start + chrono::Duration::seconds((k as f64 * inputs.step_s) as i64);

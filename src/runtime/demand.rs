@@ -38,11 +38,7 @@ impl Demand {
             book,
             mqtt,
             fleet_rated_w: config.inverters.iter().map(|i| i.rated_power_w).sum(),
-            levels: config
-                .dr
-                .as_ref()
-                .map(|d| d.openadr_levels)
-                .unwrap_or_default(),
+            levels: config.dr_settings().openadr_levels,
             constraints: DrConstraints::default(),
             generation: 0,
         }

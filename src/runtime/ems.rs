@@ -130,6 +130,14 @@ fn fleet_battery_range(config: &SiteConfig) -> (f64, f64) {
     })
 }
 
+/// What the grid connection carries over all phases, W: the site's import limit (its main
+/// fuse, in A at the nominal voltage); unknown without one.
+fn connection_w(config: &SiteConfig) -> Option<f64> {
+    config
+        .import_limit
+        .map(|l| l.total_w(config.grid.phases, config.grid.nominal_voltage_v))
+}
+
 /// Acks an earlier run kept because the broker had not confirmed them.
 fn load_outbox(config: &SiteConfig) -> Vec<crate::dr::book::Ack> {
     let Some(s) = &config.store else {
@@ -188,11 +196,12 @@ impl Ems {
             .store
             .as_ref()
             .map(|s| Writer::start(std::path::Path::new(&s.path)));
-        let dr = config.dr.clone().unwrap_or_default();
+        let dr = config.dr_settings();
         let intake = crate::dr::book::Intake {
             max_events: dr.max_events,
             max_per_min: dr.max_events_per_min,
             fleet_battery_w: Some(fleet_battery_range(&config)),
+            connection_w: connection_w(&config),
         };
         let book = SharedBook::new(load_book(&config), writer.clone()).with_intake(intake);
         let (publish, status_rx) = watch::channel(None);

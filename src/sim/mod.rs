@@ -256,12 +256,12 @@ impl SimSite {
                     format!("no link named {link}"),
                 )
             })?;
-            let port = rtu_bus::open(path, cfg.baud.unwrap_or(9600))?;
+            let port = rtu_bus::open(path, cfg.baud_rate())?;
             buses.push(tokio::spawn(rtu_bus::serve(
                 world.clone(),
                 link.clone(),
                 path.clone(),
-                cfg.baud.unwrap_or(9600),
+                cfg.baud_rate(),
                 port,
             )));
         }

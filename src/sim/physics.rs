@@ -197,9 +197,7 @@ impl SimSky {
         Some(SimSky {
             place,
             arrays,
-            linke: forecast
-                .and_then(|f| f.linke_turbidity)
-                .unwrap_or(crate::sky::DEFAULT_LINKE_TURBIDITY),
+            linke: forecast.map_or(crate::sky::DEFAULT_LINKE_TURBIDITY, |f| f.linke()),
             rated_w,
             cloudiness: c.simulation.cloudiness,
             seed: c.simulation.seed,

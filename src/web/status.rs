@@ -304,15 +304,11 @@ fn meter_status(
     }
 }
 
-fn limit(
-    mode: crate::config::LimitMode,
-    limit_w: Option<f64>,
-    limit_a: Option<f64>,
-) -> LimitStatus {
+fn limit(l: crate::config::GridLimitConfig) -> LimitStatus {
     LimitStatus {
-        mode: mode.as_str(),
-        limit_w,
-        limit_a,
+        mode: l.mode().as_str(),
+        limit_w: l.limit_w(),
+        limit_a: l.limit_a(),
     }
 }
 
@@ -446,15 +442,8 @@ pub fn build(
         guard_loop: LoopStatus::default(),
         working_mode: c.working_mode.mode.as_str(),
         nominal_voltage_v: c.grid.nominal_voltage_v,
-        export_limit: limit(
-            c.export_limit.mode,
-            c.export_limit.limit_w,
-            c.export_limit.limit_a,
-        ),
-        import_limit: c
-            .import_limit
-            .as_ref()
-            .map(|i| limit(i.mode, i.limit_w, i.limit_a)),
+        export_limit: limit(c.export_limit),
+        import_limit: c.import_limit.map(limit),
         grid,
         control: decision.map(|d| ControlStatus {
             fail_safe: d.fail_safe,
