@@ -75,6 +75,20 @@ enum Command {
     /// Print a systemd unit that runs the EMS for a site, restarts it whenever it exits and
     /// when its guard loop stops notifying the watchdog.
     SystemdUnit { file: PathBuf },
+    /// Summarise the site's export excursions from its store: count, longest, worst, time
+    /// over the limit, fail-safe events, and those of `control.excursion_allowed_s` or longer.
+    Report {
+        file: PathBuf,
+        /// From this time, RFC 3339 (default: the first excursion kept).
+        #[arg(long)]
+        from: Option<String>,
+        /// Up to this time, RFC 3339 (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// Print the summary and every excursion as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a site's devices as simulated Modbus TCP slaves on loopback.
     Simulate {
         file: PathBuf,
@@ -91,6 +105,21 @@ fn main() -> ExitCode {
     }
     if let Command::SystemdUnit { file } = &cli.command {
         return systemd_unit(file);
+    }
+    if let Command::Report {
+        file,
+        from,
+        to,
+        json,
+    } = &cli.command
+    {
+        return match report(file, from.as_deref(), to.as_deref(), *json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ems: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Command::Plan { .. } = &cli.command {
         return match plan(cli.command) {
@@ -123,7 +152,10 @@ fn main() -> ExitCode {
                 listen,
             } => run(&file, simulate, listen).await,
             Command::Simulate { file, port_base } => simulate(&file, port_base).await,
-            Command::Check { .. } | Command::Plan { .. } | Command::SystemdUnit { .. } => Ok(()),
+            Command::Check { .. }
+            | Command::Plan { .. }
+            | Command::SystemdUnit { .. }
+            | Command::Report { .. } => Ok(()),
         }
     });
     match result {
@@ -437,5 +469,42 @@ fn plan(command: Command) -> Result<(), String> {
     for v in &plan.violations {
         println!("SOC bound not kept: {v}");
     }
+    Ok(())
+}
+
+/// `ems report`: the compliance summary of the excursions kept in the site's store.
+fn report(file: &Path, from: Option<&str>, to: Option<&str>, json: bool) -> Result<(), String> {
+    use chrono::{DateTime, Utc};
+    let config = load_site(file)?;
+    let store = config.store.as_ref().ok_or_else(|| {
+        format!(
+            "{} has no `store:`: excursions are kept only in a store",
+            file.display()
+        )
+    })?;
+    let time = |v: Option<&str>, absent: DateTime<Utc>| -> Result<DateTime<Utc>, String> {
+        v.map_or(Ok(absent), |s| {
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| format!("`{s}` is not an RFC 3339 time such as 2026-06-21T00:00:00Z"))
+        })
+    };
+    let (from, to) = (time(from, DateTime::<Utc>::MIN_UTC)?, time(to, Utc::now())?);
+    let list = site_ems::store::Store::open(Path::new(&store.path))
+        .and_then(|s| s.excursions(from, to))
+        .map_err(|e| format!("cannot read the store {}: {e}", store.path))?;
+    let summary = site_ems::compliance::summarize(&list, config.control.excursion_allowed_s);
+    if json {
+        let doc = serde_json::json!({ "summary": summary, "excursions": list });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    print!(
+        "{}",
+        site_ems::compliance::report_text(&config.site.name, &summary, &list)
+    );
     Ok(())
 }

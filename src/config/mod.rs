@@ -651,6 +651,10 @@ pub struct ControlConfig {
     /// Aim this far inside the export and import limits, so meter noise does not cross them.
     #[serde(default = "default_grid_margin_w")]
     pub grid_margin_w: f64,
+    /// An export excursion this long or longer is flagged in `ems report`: 15 s, the length
+    /// at which G100 Issue 2 counts an excursion (stage 2).
+    #[serde(default = "default_excursion_allowed_s")]
+    pub excursion_allowed_s: f64,
     /// Fastest rise of an inverter's output, in % of its rating per second. Falls are
     /// applied in the same cycle.
     #[serde(default = "default_ramp_pct_per_s")]
@@ -734,6 +738,10 @@ fn default_frozen_after_s() -> f64 {
     10.0
 }
 
+fn default_excursion_allowed_s() -> f64 {
+    15.0
+}
+
 fn default_grid_margin_w() -> f64 {
     50.0
 }
@@ -761,6 +769,7 @@ impl Default for ControlConfig {
             fail_safe_after_s: default_fail_safe_after_s(),
             stale_after_s: default_stale_after_s(),
             grid_margin_w: default_grid_margin_w(),
+            excursion_allowed_s: default_excursion_allowed_s(),
             ramp_pct_per_s: default_ramp_pct_per_s(),
             deadband_w: default_deadband_w(),
             frozen_after_s: default_frozen_after_s(),

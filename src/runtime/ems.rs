@@ -4,6 +4,7 @@
 //! is waited for here.
 
 use super::supervision::Supervisor;
+use crate::runtime::compliance::{Compliance, ExcursionLog};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -73,6 +74,8 @@ pub struct Ems {
     out: Outputs,
     forecast_score: crate::planner::score::ForecastScore,
     tz: chrono_tz::Tz,
+    /// The export-excursion log.
+    compliance: Compliance,
 }
 
 /// The site's load, PV and grid power this cycle, W, while the grid meter is fresh. PV is
@@ -236,7 +239,9 @@ impl Ems {
             )
         });
         let cycle = Duration::from_millis(config.control.cycle_ms);
+        let excursions = ExcursionLog::new(&config);
         let app = AppState {
+            excursions: excursions.clone(),
             status: status_rx,
             dr: book.clone(),
             dr_token: config.dr.as_ref().and_then(|d| d.token()),
@@ -244,6 +249,7 @@ impl Ems {
             max_silence: (cycle * 5).max(Duration::from_secs(5)),
         };
         let ems = Ems {
+            compliance: Compliance::new(excursions),
             demand: Demand::new(&config, book, mqtt),
             history: writer.clone().map(|writer| History {
                 minute: MinuteAverage::default(),
@@ -366,6 +372,13 @@ impl Ems {
         };
         let (decision, state) = control::step(&self.params, &snapshot, &self.state);
         self.state = state;
+        self.compliance.cycle(
+            time,
+            snapshot.grid.as_ref(),
+            &snapshot.constraints,
+            decision.fail_safe,
+            (&self.out.metrics, self.writer.as_ref()),
+        );
         self.constraints = snapshot.constraints;
         let safe_caps = control::stop_caps(&self.params, &self.constraints);
         for (device, values) in self.devices.actuate(&decision, &safe_caps, now).await {
@@ -492,6 +505,9 @@ impl Ems {
     /// inverter-side limit that keeps the site's export limit, and demand response's in
     /// force, without the EMS.
     pub async fn stop(&mut self) {
+        let time = self.clock.now();
+        self.compliance
+            .finish(time, (&self.out.metrics, self.writer.as_ref()));
         let caps = control::stop_caps(&self.params, &self.constraints);
         let released = self.devices.stop(self.config.control.on_stop, &caps).await;
         if let Some(w) = &self.writer {

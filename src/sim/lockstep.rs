@@ -15,6 +15,8 @@ use crate::sim::SimSite;
 pub struct ClosedLoop {
     pub sim: SimSite,
     pub ems: Ems,
+    /// The EMS's API state, for a test that serves the API beside the loop.
+    pub api: crate::web::api::AppState,
     pub t_s: f64,
     cycle_s: f64,
     next_cycle_s: f64,
@@ -71,10 +73,11 @@ impl ClosedLoop {
         options: EmsOptions,
     ) -> std::io::Result<ClosedLoop> {
         sim.set_paused(true);
-        let (ems, _api) = Ems::with_options(adjust(sim.rewire(config)), sim.clock(), options);
+        let (ems, api) = Ems::with_options(adjust(sim.rewire(config)), sim.clock(), options);
         Ok(ClosedLoop {
             sim,
             ems,
+            api,
             t_s: 0.0,
             cycle_s: config.control.cycle_ms as f64 / 1000.0,
             next_cycle_s: 0.0,

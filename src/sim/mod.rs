@@ -134,6 +134,9 @@ pub(crate) struct World {
     /// instant, from this model time.
     real_time_since: Option<(std::time::Instant, chrono::DateTime<chrono::Utc>)>,
     writes: Vec<WriteRecord>,
+    /// What the grid meter showed each time it was read: (site time, power per phase,
+    /// + import). Bounded.
+    grid_reads: Vec<(chrono::DateTime<chrono::Utc>, [f64; 3])>,
     started: chrono::DateTime<chrono::Utc>,
     devices: Vec<Device>,
     paused: bool,
@@ -231,6 +234,7 @@ impl SimSite {
             started: model.now,
             model,
             writes: Vec::new(),
+            grid_reads: Vec::new(),
             devices,
             paused: false,
             time_factor: config.simulation.time_factor.max(0.0),
@@ -391,6 +395,11 @@ impl SimSite {
     /// Every write received so far, in order.
     pub fn writes(&self) -> Vec<WriteRecord> {
         lock(&self.world).writes.clone()
+    }
+
+    /// Every reading the grid meter served, in order: (site time, power per phase, + import).
+    pub fn grid_meter_reads(&self) -> Vec<(chrono::DateTime<chrono::Utc>, [f64; 3])> {
+        lock(&self.world).grid_reads.clone()
     }
 
     /// Read or change the physics (load steps, faults, ground truth).
@@ -599,6 +608,32 @@ pub(crate) fn respond(
     catch_up(w);
     let dev = &w.devices[index];
     let (kind, unit, id) = (dev.kind, dev.unit, dev.id.clone());
+    let read = matches!(
+        request,
+        Request::ReadHoldingRegisters(..) | Request::ReadInputRegisters(..)
+    );
+    if let (
+        Kind::Meter {
+            role: MeterRole::Grid,
+            ..
+        },
+        true,
+        false,
+    ) = (kind, read, garbage)
+    {
+        // One reading per poll: the slow reads that follow the power block in the same
+        // poll (energy, frequency) show the same instant.
+        let now = w.model.now;
+        let new_poll = w
+            .grid_reads
+            .last()
+            .is_none_or(|(t, _)| (now - *t).num_milliseconds() >= 100);
+        if new_poll && w.grid_reads.len() < 1_000_000 && dev.frozen.is_none() {
+            let at = (now, w.model.truth.grid_w);
+            w.grid_reads.push(at);
+        }
+    }
+    let dev = &w.devices[index];
     let frozen = dev.frozen.clone();
     let result = match (kind, &request) {
         (Kind::Contacts, Request::ReadDiscreteInputs(start, count)) => {

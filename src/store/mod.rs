@@ -42,6 +42,11 @@ const SCHEMA: &str = "
         key TEXT PRIMARY KEY,        -- event id and status: one ack each
         ack TEXT NOT NULL            -- the ack as JSON, until the broker has confirmed it
     );
+    CREATE TABLE IF NOT EXISTS excursions (
+        start_ms INTEGER NOT NULL,   -- unix milliseconds
+        body TEXT NOT NULL           -- the excursion as JSON
+    );
+    CREATE INDEX IF NOT EXISTS excursions_start ON excursions (start_ms);
     CREATE TABLE IF NOT EXISTS originals (
         device TEXT NOT NULL,        -- inverter id
         register INTEGER NOT NULL,   -- a control register the EMS takes over
@@ -181,6 +186,29 @@ impl Store {
         rows.collect()
     }
 
+    /// Export excursions that started in `[from, to)`, oldest first.
+    pub fn excursions(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> rusqlite::Result<Vec<crate::compliance::Excursion>> {
+        let mut q = self.conn.prepare(
+            "SELECT body FROM excursions WHERE start_ms >= ?1 AND start_ms < ?2 ORDER BY start_ms",
+        )?;
+        let rows = q.query_map(
+            params![from.timestamp_millis(), to.timestamp_millis()],
+            |r| r.get::<_, String>(0),
+        )?;
+        let mut out = Vec::new();
+        for body in rows {
+            match serde_json::from_str(&body?) {
+                Ok(e) => out.push(e),
+                Err(e) => tracing::warn!("an excursion in the store is not readable: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
     /// Every demand-response event ever stored: ids are unique for ever, so the book needs
     /// them all to refuse a repeat, and the ones not over yet to enforce them.
     pub fn dr_events(&self) -> rusqlite::Result<Vec<StoredEvent>> {
@@ -255,6 +283,16 @@ fn write_weather(conn: &Connection, fetched: i64, body: &str) -> rusqlite::Resul
     conn.execute(
         "INSERT OR REPLACE INTO weather (id, fetched, body) VALUES (1, ?1, ?2)",
         params![fetched, body],
+    )?;
+    Ok(())
+}
+
+fn write_excursion(conn: &Connection, e: &crate::compliance::Excursion) -> rusqlite::Result<()> {
+    let body =
+        serde_json::to_string(e).map_err(|x| rusqlite::Error::ToSqlConversionFailure(x.into()))?;
+    conn.execute(
+        "INSERT INTO excursions (start_ms, body) VALUES (?1, ?2)",
+        params![e.start.timestamp_millis(), body],
     )?;
     Ok(())
 }

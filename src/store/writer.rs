@@ -52,6 +52,8 @@ enum Op {
         key: String,
         ack: Option<String>,
     },
+    /// An export excursion that has ended.
+    Excursion(Box<crate::compliance::Excursion>),
     /// Answered once everything queued before it is written.
     Flush(Reply),
 }
@@ -118,6 +120,11 @@ impl Writer {
             key: key.to_string(),
             ack,
         });
+    }
+
+    /// Keep an export excursion that has ended. Never blocks.
+    pub fn excursion(&self, e: crate::compliance::Excursion) {
+        self.send(Op::Excursion(Box::new(e)));
     }
 
     /// Queue an event's new state. Never blocks; written when the file lets us.
@@ -355,6 +362,7 @@ impl Worker {
                 super::write_originals(conn, device, values.as_deref())
             }
             Op::Outbox { key, ack } => super::write_outbox(conn, key, ack.as_deref()),
+            Op::Excursion(e) => super::write_excursion(conn, e),
             Op::Weather { fetched, body } => super::write_weather(conn, *fetched, body),
             Op::Flush(_) => Ok(()),
         };
@@ -371,6 +379,7 @@ impl Worker {
             | Op::Event { waiting: None, .. }
             | Op::Originals { .. }
             | Op::Outbox { .. }
+            | Op::Excursion(_)
             | Op::Weather { .. } => {
                 self.stats.written.fetch_add(1, Ordering::Relaxed);
             }

@@ -3,11 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -34,6 +35,8 @@ pub struct AppState {
     /// Bearer token for the DR endpoints; `None` turns them off.
     pub dr_token: Option<String>,
     pub metrics: Arc<Metrics>,
+    /// Export excursions, for `/api/v1/excursions`.
+    pub excursions: crate::runtime::compliance::ExcursionLog,
     /// Longest silence of the control loop before `/healthz` fails.
     pub max_silence: Duration,
 }
@@ -44,6 +47,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/plan", get(plan))
+        .route("/api/v1/excursions", get(excursions))
         .route("/api/v1/dr/events", get(dr_list).post(dr_post))
         .route("/api/v1/dr/events/{id}", delete(dr_delete))
         .fallback(not_found)
@@ -189,6 +193,62 @@ async fn dr_delete(
     match result {
         Ok(()) => Json(serde_json::json!({ "cancelled": id })).into_response(),
         Err(e) => book_error(e),
+    }
+}
+
+/// `from` and `to` of `/api/v1/excursions`, RFC 3339; absent: from the start, up to now and
+/// beyond.
+#[derive(serde::Deserialize)]
+struct Period {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn instant(v: Option<&str>, what: &str, absent: DateTime<Utc>) -> Result<DateTime<Utc>, Response> {
+    match v {
+        None | Some("") => Ok(absent),
+        Some(s) => DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "`{what}` must be an RFC 3339 time such as 2026-06-21T00:00:00Z, not `{s}`"
+                    ),
+                )
+            }),
+    }
+}
+
+/// Export excursions that started in `[from, to)`: JSON, or CSV with `Accept: text/csv`.
+async fn excursions(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<Period>,
+) -> Response {
+    let (from, to) = match (
+        instant(q.from.as_deref(), "from", DateTime::<Utc>::MIN_UTC),
+        instant(q.to.as_deref(), "to", DateTime::<Utc>::MAX_UTC),
+    ) {
+        (Ok(f), Ok(t)) => (f, t),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let list = match s.excursions.between(from, to).await {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e),
+    };
+    let csv = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/csv"));
+    if csv {
+        (
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            crate::compliance::to_csv(&list),
+        )
+            .into_response()
+    } else {
+        Json(list).into_response()
     }
 }
 

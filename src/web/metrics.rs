@@ -10,7 +10,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::control::UnitHealth;
@@ -63,6 +64,8 @@ pub struct Metrics {
     modbus_writes: IntCounterVec,
     cycle_duration: HistogramVec,
     cycle_overruns: IntCounterVec,
+    excursions: IntCounterVec,
+    excursion_seconds: CounterVec,
     plan_solve: GaugeVec,
     plan_objective: GaugeVec,
     plan_cost: GaugeVec,
@@ -159,6 +162,12 @@ impl Metrics {
                 vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
             ),
             cycle_overruns: counter(&r, "ems_cycle_overruns_total", "Cycles that took longer than the control period.", &[]),
+            excursions: counter(&r, "ems_export_excursions_total", "Export excursions over the limit in force that have ended.", &[]),
+            excursion_seconds: {
+                let c = CounterVec::new(Opts::new("ems_export_excursion_seconds_total", "Time the site's export spent over the limit in force, in ended excursions."), &[]).expect("static metric definition");
+                r.register(Box::new(c.clone())).expect("metric registered once");
+                c
+            },
             plan_solve: gauge(&r, "ems_plan_solve_seconds", "Time the last successful plan took to solve.", &[]),
             plan_objective: gauge(&r, "ems_plan_objective", "The LP objective of the plan in force (cost, cycling and SOC penalties, less the value of energy left).", &[]),
             plan_cost: gauge(&r, "ems_plan_cost", "Energy cost of the plan in force over its horizon, in the tariff's currency.", &[]),
@@ -260,6 +269,14 @@ impl Metrics {
         self.dr_acks.with_label_values(&[status]).inc();
     }
 
+    /// An export excursion of `duration_s` has ended.
+    pub fn excursion(&self, duration_s: f64) {
+        self.excursions.with_label_values(NO_LABELS).inc();
+        self.excursion_seconds
+            .with_label_values(NO_LABELS)
+            .inc_by(duration_s.max(0.0));
+    }
+
     pub fn count_cycle_overrun(&self) {
         self.cycle_overruns.with_label_values(NO_LABELS).inc();
     }
@@ -267,6 +284,8 @@ impl Metrics {
     pub fn observe_cycle(&self, took: Duration) {
         // Shown at zero from the first cycle on.
         self.cycle_overruns.with_label_values(NO_LABELS);
+        self.excursions.with_label_values(NO_LABELS);
+        self.excursion_seconds.with_label_values(NO_LABELS);
         self.cycle_duration
             .with_label_values(NO_LABELS)
             .observe(took.as_secs_f64());
