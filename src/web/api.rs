@@ -231,7 +231,7 @@ async fn excursions(
         instant(q.to.as_deref(), "to", DateTime::<Utc>::MAX_UTC),
     ) {
         (Ok(f), Ok(t)) => (f, t),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(why), _) | (_, Err(why)) => return error(StatusCode::BAD_REQUEST, &why),
     };
     let list = match s.excursions.between(from, to).await {
         Ok(l) => l,
