@@ -204,18 +204,14 @@ struct Period {
     to: Option<String>,
 }
 
-fn instant(v: Option<&str>, what: &str, absent: DateTime<Utc>) -> Result<DateTime<Utc>, Response> {
+/// A time of the query, or why it is not one.
+fn instant(v: Option<&str>, what: &str, absent: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
     match v {
         None | Some("") => Ok(absent),
         Some(s) => DateTime::parse_from_rfc3339(s)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|_| {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    &format!(
-                        "`{what}` must be an RFC 3339 time such as 2026-06-21T00:00:00Z, not `{s}`"
-                    ),
-                )
+                format!("`{what}` must be an RFC 3339 time such as 2026-06-21T00:00:00Z, not `{s}`")
             }),
     }
 }
