@@ -16,6 +16,7 @@
 
 pub mod calendar;
 pub mod clock;
+pub mod commissioning;
 pub mod compliance;
 pub mod config;
 pub mod control;

@@ -1208,6 +1208,61 @@ pub struct SimulationConfig {
     /// How fast simulated firmware moves towards its setpoint, in % of rated per second.
     #[serde(default = "default_ramp")]
     pub ramp_pct_per_s: f64,
+    /// Wiring mistakes built into the simulated site, for the wiring check (`ems commission`)
+    /// to find.
+    #[serde(default)]
+    pub wiring_faults: Vec<WiringFault>,
+}
+
+/// A wiring mistake in the simulated site.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawWiringFault")]
+pub enum WiringFault {
+    /// The CT of one phase of a meter is on backwards: that phase reads with the wrong sign.
+    CtReversed { meter: String, phase: Phase },
+    /// A whole meter is wired backwards (every phase, and its total).
+    MeterReversed { meter: String },
+    /// A single-phase inverter is connected to another phase than the site file says.
+    WrongPhase {
+        inverter: String,
+        actual_phase: Phase,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWiringFault {
+    fault: String,
+    #[serde(default)]
+    meter: Option<String>,
+    #[serde(default)]
+    phase: Option<Phase>,
+    #[serde(default)]
+    inverter: Option<String>,
+    #[serde(default)]
+    actual_phase: Option<Phase>,
+}
+
+impl TryFrom<RawWiringFault> for WiringFault {
+    type Error = String;
+
+    fn try_from(r: RawWiringFault) -> Result<WiringFault, String> {
+        match (r.fault.as_str(), r.meter, r.phase, r.inverter, r.actual_phase) {
+            ("ct_reversed", Some(meter), Some(phase), None, None) => {
+                Ok(WiringFault::CtReversed { meter, phase })
+            }
+            ("reversed", Some(meter), None, None, None) => Ok(WiringFault::MeterReversed { meter }),
+            ("wrong_phase", None, None, Some(inverter), Some(actual_phase)) => {
+                Ok(WiringFault::WrongPhase {
+                    inverter,
+                    actual_phase,
+                })
+            }
+            (f, ..) => Err(format!(
+                "wiring fault `{f}` is not one of: ct_reversed (with meter and phase), reversed (with meter), wrong_phase (with inverter and actual_phase)"
+            )),
+        }
+    }
 }
 
 fn default_time_factor() -> f64 {
@@ -1253,6 +1308,7 @@ impl Default for SimulationConfig {
             cloudiness: 0.0,
             initial_soc_pct: default_initial_soc(),
             ramp_pct_per_s: default_ramp(),
+            wiring_faults: Vec::new(),
         }
     }
 }

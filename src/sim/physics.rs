@@ -232,8 +232,51 @@ impl SimSky {
     }
 }
 
+/// Wiring mistakes in the simulated site's meters (inverters on the wrong phase are in their
+/// `phases`).
+#[derive(Debug, Clone, Default)]
+pub struct Wiring {
+    /// A phase of a meter whose CT is on backwards.
+    pub ct_reversed: Vec<(crate::config::MeterRole, Phase)>,
+    /// A meter wired backwards as a whole.
+    pub reversed: Vec<crate::config::MeterRole>,
+}
+
+impl Wiring {
+    fn from_config(c: &SiteConfig) -> Wiring {
+        use crate::config::WiringFault;
+        let role = |id: &str| c.meters.iter().find(|m| m.id == id).map(|m| m.role);
+        let mut w = Wiring::default();
+        for f in &c.simulation.wiring_faults {
+            match f {
+                WiringFault::CtReversed { meter, phase } => {
+                    w.ct_reversed.extend(role(meter).map(|r| (r, *phase)))
+                }
+                WiringFault::MeterReversed { meter } => w.reversed.extend(role(meter)),
+                WiringFault::WrongPhase { .. } => {}
+            }
+        }
+        w
+    }
+
+    /// What a meter in `role` shows of the forward power `p`, as it is wired.
+    pub fn as_wired(&self, role: crate::config::MeterRole, mut p: [f64; 3]) -> [f64; 3] {
+        for (r, phase) in &self.ct_reversed {
+            if *r == role {
+                p[phase.index()] = -p[phase.index()];
+            }
+        }
+        if self.reversed.contains(&role) {
+            p = p.map(|x| -x);
+        }
+        p
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SiteModel {
+    /// How the meters are wired (faults for the wiring check to find).
+    pub wiring: Wiring,
     /// Where the units' anti-reflux limits are measured.
     pub anti_reflux_at: AntiRefluxPoint,
     pub tz: Tz,
@@ -294,7 +337,19 @@ impl SiteModel {
                 id: i.id.clone(),
                 model: i.model,
                 rated_w: i.rated_power_w,
-                phases: i.ac_phases(),
+                // A unit wired to another phase than the site file says feeds that one.
+                phases: c
+                    .simulation
+                    .wiring_faults
+                    .iter()
+                    .find_map(|f| match f {
+                        crate::config::WiringFault::WrongPhase {
+                            inverter,
+                            actual_phase,
+                        } if *inverter == i.id => Some(vec![*actual_phase]),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| i.ac_phases()),
                 battery: i.battery().clone(),
                 pv_peak_w: i.rated_power_w * s.pv_peak_ratio,
                 soc_pct: s
@@ -322,6 +377,7 @@ impl SiteModel {
             })
             .collect();
         let mut m = SiteModel {
+            wiring: Wiring::from_config(c),
             anti_reflux_at: AntiRefluxPoint::default(),
             tz,
             now,

@@ -200,7 +200,7 @@ fn forward_w(m: &SiteModel, role: MeterRole) -> [f64; 3] {
 }
 
 pub fn meter_image(m: &SiteModel, model: MeterModel, role: MeterRole, unit: u8) -> Image {
-    let p = forward_w(m, role);
+    let p = m.wiring.as_wired(role, forward_w(m, role));
     if model == MeterModel::Sunspec {
         return super::sunspec::meter_image(m, role, p, unit);
     }
