@@ -75,6 +75,18 @@ enum Command {
     /// Print a systemd unit that runs the EMS for a site, restarts it whenever it exits and
     /// when its guard loop stops notifying the watchdog.
     SystemdUnit { file: PathBuf },
+    /// Check the wiring with the installer's consent: nudge each unit's battery to charge a
+    /// little more and read each meter phase's CT direction, each single-phase unit's phase,
+    /// each three-phase unit's balance and the PV meter's direction. Exit 0 when all pass.
+    Commission {
+        file: PathBuf,
+        /// Start a simulated site in-process on loopback and check it.
+        #[arg(long)]
+        simulate: bool,
+        /// Print `{checks: [{name, device, result, detail, fix}]}`.
+        #[arg(long)]
+        json: bool,
+    },
     /// Summarise the site's export excursions from its store: count, longest, worst, time
     /// over the limit, fail-safe events, and those of `control.excursion_allowed_s` or longer.
     Report {
@@ -152,6 +164,11 @@ fn main() -> ExitCode {
                 listen,
             } => run(&file, simulate, listen).await,
             Command::Simulate { file, port_base } => simulate(&file, port_base).await,
+            Command::Commission {
+                file,
+                simulate,
+                json,
+            } => commission(&file, simulate, json).await,
             Command::Check { .. }
             | Command::Plan { .. }
             | Command::SystemdUnit { .. }
@@ -507,4 +524,79 @@ fn report(file: &Path, from: Option<&str>, to: Option<&str>, json: bool) -> Resu
         site_ems::compliance::report_text(&config.site.name, &summary, &list)
     );
     Ok(())
+}
+
+/// Why `ems commission` ends with status 1 when a check does not pass.
+const NOT_ALL_PASS: &str = "not every check passed";
+
+/// `ems commission`: run the EMS until it reads the site, run the wiring check, hand control
+/// back, and print the findings.
+async fn commission(file: &Path, simulate: bool, json: bool) -> Result<(), String> {
+    let config = load_site(file)?;
+    let (config, clock, _sim) = if simulate {
+        simulated(&config).await?
+    } else {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        (config, clock, None)
+    };
+    let period = std::time::Duration::from_millis(config.control.cycle_ms);
+    let (mut ems, _api) = site_ems::runtime::Ems::new(config.clone(), clock);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Read every device a few times first.
+    for _ in 0..5 {
+        tick.tick().await;
+        ems.cycle().await;
+    }
+    eprintln!(
+        "ems: wiring check: nudging each unit's battery to charge a little more, one at a time"
+    );
+    ems.request_commissioning();
+    // Each unit takes a few seconds; a site that never finishes is given up on.
+    let give_up = tokio::time::Instant::now()
+        + std::time::Duration::from_secs(60 + 30 * config.inverters.len() as u64);
+    let state = loop {
+        tick.tick().await;
+        ems.cycle().await;
+        let s = ems.commissioning();
+        if !s.running && (s.report.is_some() || s.refused.is_some()) {
+            break s;
+        }
+        if tokio::time::Instant::now() > give_up {
+            break s;
+        }
+    };
+    ems.stop().await;
+    let Some(report) = state.report else {
+        return Err(format!(
+            "wiring check {}",
+            state
+                .refused
+                .as_deref()
+                .map_or("did not finish".to_string(), |w| format!("refused: {w}"))
+        ));
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
+        );
+    } else {
+        for c in &report.checks {
+            let result = match c.result {
+                site_ems::commissioning::Outcome::Pass => "pass",
+                site_ems::commissioning::Outcome::Fail => "FAIL",
+                site_ems::commissioning::Outcome::Skipped => "skipped",
+            };
+            println!("{result:<8} {:<19} {:<12} {}", c.name, c.device, c.detail);
+            if let Some(fix) = &c.fix {
+                println!("{:<8} fix: {fix}", "");
+            }
+        }
+    }
+    if report.all_pass() {
+        Ok(())
+    } else {
+        Err(NOT_ALL_PASS.to_string())
+    }
 }

@@ -12,10 +12,11 @@ use serde::Serialize;
 
 use crate::config::Phase;
 
-/// Cycles to let the site settle after a change before it is measured.
-pub const SETTLE_CYCLES: u32 = 4;
-/// Cycles averaged for one measurement.
-pub const SAMPLE_CYCLES: u32 = 3;
+/// Time to let the site settle after a change before it is measured, s (the units ramp,
+/// the meter averages).
+pub const SETTLE_S: f64 = 3.0;
+/// Time averaged for one measurement, s.
+pub const SAMPLE_S: f64 = 1.5;
 /// The nudge, as a share of the unit's rating, at least [`MIN_NUDGE_W`].
 pub const NUDGE_SHARE: f64 = 0.2;
 pub const MIN_NUDGE_W: f64 = 1000.0;
@@ -139,11 +140,14 @@ pub struct WiringCheck {
     responses: Vec<Response>,
     pv: Vec<f64>,
     done: bool,
+    settle: u32,
+    sample: u32,
 }
 
 impl WiringCheck {
-    /// Plan the check from the site and its state now (`first`).
-    pub fn new(site: SiteSpec, first: &Observation) -> WiringCheck {
+    /// Plan the check from the site and its state now (`first`), for a loop of `cycle_s`.
+    pub fn new(site: SiteSpec, first: &Observation, cycle_s: f64) -> WiringCheck {
+        let cycles = |s: f64| (s / cycle_s.max(0.01)).ceil().max(2.0) as u32;
         let mut order = Vec::new();
         let mut skipped = Vec::new();
         let mut base_w = Vec::with_capacity(site.units.len());
@@ -189,6 +193,8 @@ impl WiringCheck {
             responses: Vec::new(),
             pv: Vec::new(),
             done: false,
+            settle: cycles(SETTLE_S),
+            sample: cycles(SAMPLE_S),
         }
     }
 
@@ -203,7 +209,7 @@ impl WiringCheck {
 
     /// How many cycles the whole check takes.
     pub fn cycles(&self) -> u32 {
-        self.order.len() as u32 * 2 * (SETTLE_CYCLES + SAMPLE_CYCLES) + 1
+        self.order.len() as u32 * 2 * (self.settle + self.sample) + 1
     }
 
     /// Take this cycle's observation; the battery targets to hold next (+ discharge, per
@@ -220,7 +226,7 @@ impl WiringCheck {
             return None;
         };
         let t = self.tick;
-        let (settle, sample) = (SETTLE_CYCLES, SAMPLE_CYCLES);
+        let (settle, sample) = (self.settle, self.sample);
         if (settle..settle + sample).contains(&t) {
             self.baseline.add(obs);
         } else if (2 * settle + sample..2 * (settle + sample)).contains(&t) {
@@ -523,7 +529,7 @@ mod tests {
             units: vec![Some((0.0, 50.0)); 2],
             curtailing: false,
         };
-        let mut check = WiringCheck::new(site(), &obs(&[0.0, 0.0]));
+        let mut check = WiringCheck::new(site(), &obs(&[0.0, 0.0]), 1.0);
         let mut targets = vec![0.0, 0.0];
         for _ in 0..check.cycles() + 5 {
             match check.step(&obs(&targets)) {

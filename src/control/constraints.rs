@@ -49,6 +49,9 @@ pub struct Constraints {
     pub fleet_target: Option<FleetTarget>,
     /// Plan-mode battery targets per unit (+ discharge), when a plan is in force.
     pub plan: Option<Vec<Option<f64>>>,
+    /// The wiring check's battery target for every unit (+ discharge), while it runs: it
+    /// replaces the working mode; the limits still hold.
+    pub commissioning: Option<Vec<f64>>,
 }
 
 impl Constraints {
@@ -90,7 +93,20 @@ impl Constraints {
             standby: dr.standby,
             fleet_target,
             plan,
+            commissioning: None,
         }
+    }
+
+    /// Whether demand response narrows the fleet now.
+    pub fn dr_in_force(&self) -> bool {
+        self.export
+            .iter()
+            .chain(&self.import)
+            .any(|c| c.source == Source::DemandResponse)
+            || self.generation_pct.is_some()
+            || self.consumption_pct.is_some()
+            || self.standby
+            || self.fleet_target.is_some()
     }
 }
 

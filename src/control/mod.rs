@@ -190,7 +190,9 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
             voltage_v[phase.index()] = v;
         }
     }
-    let urgent = beyond_limits(p, c, net_w, voltage_v);
+    // A limit crossed now, or the wiring check (each nudge and its end must reach the unit at
+    // once to be measured): every change goes out this cycle.
+    let urgent = beyond_limits(p, c, net_w, voltage_v) || c.commissioning.is_some();
 
     // Ratings and SOC bounds.
     let mut soc_bound = false;
@@ -289,6 +291,13 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         }
         None => {}
     }
+    if let Some(targets) = &c.commissioning {
+        intent = mode::ModeIntent {
+            active: "commissioning",
+            fleet_target_w: self_use_w,
+            fixed_w: (0..units.len()).map(|k| targets.get(k).copied()).collect(),
+        };
+    }
     // Held units keep their measured battery power in the sharing: the others cover.
     for (k, u) in units.iter().enumerate() {
         if u.held {
@@ -361,6 +370,8 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
         let deadband = up.deadband_w(p.deadband_w, p.deadband_pct);
         sp.battery_w = settle(sp.battery_w, before.battery_w, ramp, deadband, urgent);
         sp.battery_w = sp.battery_w.clamp(u.lo.min(u.hi), u.hi.max(u.lo));
+        // The wiring check turns a battery on purpose, once per unit, with the installer
+        // watching: no dwell (it is urgent).
         let turn = Turn {
             dwell_s: p.direction_dwell_s,
             min_w: deadband,

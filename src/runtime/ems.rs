@@ -4,6 +4,8 @@
 //! is waited for here.
 
 use super::supervision::Supervisor;
+use crate::commissioning::Observation;
+use crate::runtime::commissioning::{CommissionSlot, CommissionState, Commissioning, Conditions};
 use crate::runtime::compliance::{Compliance, ExcursionLog};
 use std::collections::HashMap;
 use std::future::Future;
@@ -76,6 +78,8 @@ pub struct Ems {
     tz: chrono_tz::Tz,
     /// The export-excursion log.
     compliance: Compliance,
+    commissioning: Commissioning,
+    commission_slot: CommissionSlot,
 }
 
 /// The site's load, PV and grid power this cycle, W, while the grid meter is fresh. PV is
@@ -240,7 +244,9 @@ impl Ems {
         });
         let cycle = Duration::from_millis(config.control.cycle_ms);
         let excursions = ExcursionLog::new(&config);
+        let commission_slot = CommissionSlot::default();
         let app = AppState {
+            commission: commission_slot.clone(),
             excursions: excursions.clone(),
             status: status_rx,
             dr: book.clone(),
@@ -250,6 +256,8 @@ impl Ems {
         };
         let ems = Ems {
             compliance: Compliance::new(excursions),
+            commissioning: Commissioning::new(&config, commission_slot.clone()),
+            commission_slot,
             demand: Demand::new(&config, book, mqtt),
             history: writer.clone().map(|writer| History {
                 minute: MinuteAverage::default(),
@@ -368,7 +376,10 @@ impl Ems {
             mono_s: now.as_secs_f64(),
             grid,
             units,
-            constraints: control::Constraints::gather(&self.params, &dr, plan),
+            constraints: control::Constraints {
+                commissioning: self.commissioning.targets(),
+                ..control::Constraints::gather(&self.params, &dr, plan)
+            },
         };
         let (decision, state) = control::step(&self.params, &snapshot, &self.state);
         self.state = state;
@@ -378,6 +389,15 @@ impl Ems {
             &snapshot.constraints,
             decision.fail_safe,
             (&self.out.metrics, self.writer.as_ref()),
+        );
+        let observation = self.observe(&snapshot, &decision);
+        self.commissioning.cycle(
+            time,
+            &observation,
+            Conditions {
+                fail_safe: decision.fail_safe,
+                dr_in_force: snapshot.constraints.dr_in_force(),
+            },
         );
         self.constraints = snapshot.constraints;
         let safe_caps = control::stop_caps(&self.params, &self.constraints);
@@ -499,6 +519,47 @@ impl Ems {
                 unit.health = control::UnitHealth::NotFollowing;
             }
         }
+    }
+
+    /// This cycle as the wiring check sees it.
+    fn observe(&self, s: &control::Snapshot, d: &Decision) -> Observation {
+        let grid_w = s.grid.as_ref().map(|g| {
+            let mut w = [0.0; 3];
+            for &(phase, power_w, _) in &g.phases {
+                w[phase.index()] = power_w;
+            }
+            w
+        });
+        let stale = Duration::from_secs_f64(self.config.control.stale_after_s);
+        let now = self.clock.monotonic();
+        let pv_w = self
+            .devices
+            .meters
+            .iter()
+            .find(|m| m.cfg.role == MeterRole::Pv && m.fresh.is_fresh(now, stale))
+            .and_then(|m| m.reading.as_ref())
+            .map(|r| r.power_w);
+        Observation {
+            grid_w,
+            pv_w,
+            units: s
+                .units
+                .iter()
+                .map(|u| u.reading.as_ref().map(|r| (r.battery_w, r.soc_pct)))
+                .collect(),
+            curtailing: d.curtailed_w > 1.0,
+        }
+    }
+
+    /// Ask for a wiring check; it starts at the next cycle unless refused. False when one is
+    /// under way already.
+    pub fn request_commissioning(&self) -> bool {
+        self.commission_slot.request()
+    }
+
+    /// The wiring check: under way, refused, or its report.
+    pub fn commissioning(&self) -> CommissionState {
+        self.commission_slot.state()
     }
 
     /// Leave every unit as `control.on_stop` says: safe (the default) or released, with an

@@ -10,6 +10,7 @@
 //! Beside it, never waited for: the planner's task (solves on a blocking thread), the store's
 //! writer thread, the MQTT link and the HTTP API.
 
+pub mod commissioning;
 pub mod compliance;
 pub mod demand;
 pub mod devices;

@@ -35,6 +35,8 @@ pub struct AppState {
     /// Bearer token for the DR endpoints; `None` turns them off.
     pub dr_token: Option<String>,
     pub metrics: Arc<Metrics>,
+    /// The wiring check, asked for and read at `/api/v1/commission`.
+    pub commission: crate::runtime::commissioning::CommissionSlot,
     /// Export excursions, for `/api/v1/excursions`.
     pub excursions: crate::runtime::compliance::ExcursionLog,
     /// Longest silence of the control loop before `/healthz` fails.
@@ -48,6 +50,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/status", get(status))
         .route("/api/v1/plan", get(plan))
         .route("/api/v1/excursions", get(excursions))
+        .route(
+            "/api/v1/commission",
+            get(commission_state).post(commission_start),
+        )
         .route("/api/v1/dr/events", get(dr_list).post(dr_post))
         .route("/api/v1/dr/events/{id}", delete(dr_delete))
         .fallback(not_found)
@@ -193,6 +199,27 @@ async fn dr_delete(
     match result {
         Ok(()) => Json(serde_json::json!({ "cancelled": id })).into_response(),
         Err(e) => book_error(e),
+    }
+}
+
+/// The wiring check: under way, refused, or its findings.
+async fn commission_state(State(s): State<AppState>) -> Response {
+    Json(s.commission.state()).into_response()
+}
+
+/// Start the wiring check (with the site's bearer token: it moves the batteries).
+async fn commission_start(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(r) = refusal(&s, &headers) {
+        return r;
+    }
+    if s.commission.request() {
+        (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "requested": true })),
+        )
+            .into_response()
+    } else {
+        error(StatusCode::CONFLICT, "a wiring check is under way already")
     }
 }
 
