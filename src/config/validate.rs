@@ -131,6 +131,40 @@ fn simulation(c: &SiteConfig, r: &mut Report) {
             "give each phase's share of the load, 0–1",
         );
     }
+    for (k, f) in s.wiring_faults.iter().enumerate() {
+        let at = path!["simulation", "wiring_faults", k];
+        match f {
+            super::WiringFault::CtReversed { meter, .. }
+            | super::WiringFault::MeterReversed { meter } => {
+                if !c.meters.iter().any(|m| &m.id == meter) {
+                    r.err(
+                        at,
+                        format!("wiring fault on meter `{meter}`, which the site does not have"),
+                        "name a meter id from `meters:`",
+                    );
+                }
+            }
+            super::WiringFault::WrongPhase { inverter, .. } => {
+                match c.inverters.iter().find(|i| &i.id == inverter) {
+                    None => r.err(
+                        at,
+                        format!(
+                            "wiring fault on inverter `{inverter}`, which the site does not have"
+                        ),
+                        "name an inverter id from `inverters:`",
+                    ),
+                    Some(i) if i.ac_phases().len() != 1 => r.err(
+                        at,
+                        format!(
+                            "`{inverter}` is a three-phase unit: it cannot be on a wrong phase"
+                        ),
+                        "use wrong_phase with a single-phase unit (`phase: L1`)",
+                    ),
+                    Some(_) => {}
+                }
+            }
+        }
+    }
 }
 
 fn level_limits(r: &mut Report, at: Vec<PathSeg>, l: &crate::dr::LevelLimits) {
