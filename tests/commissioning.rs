@@ -174,3 +174,21 @@ fn the_command_prints_json_and_exits_1_on_a_fault() {
         .iter()
         .any(|c| c["name"] == "pv_meter_direction" && c["result"] == "fail"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_is_refused_while_fail_safe_is_in_force() {
+    let c = SiteConfig::from_str("wiring.yaml", &site("")).unwrap();
+    let mut l = ClosedLoop::start(c).await.unwrap();
+    l.run(5.0, |_, _| {}).await;
+    // The grid meter goes silent: fail-safe after `fail_safe_after_s`.
+    assert!(l.sim.stop_device("grid"));
+    l.run(5.0, |_, _| {}).await;
+    assert!(l.ems.request_commissioning());
+    l.run(2.0, |_, _| {}).await;
+    let s = l.ems.commissioning();
+    assert!(!s.running && s.report.is_none(), "{s:?}");
+    assert!(
+        s.refused.as_deref().unwrap_or("").contains("fail-safe"),
+        "{s:?}"
+    );
+}

@@ -265,7 +265,9 @@ fn ems_check_prints_file_line_col_and_fails() {
 #[test]
 fn readme_site_example_is_valid() {
     let whole = std::fs::read_to_string("README.md").unwrap();
-    let readme = &whole[whole.find("## The site file").expect("the site file section")..];
+    let readme = &whole[whole
+        .find("## The site file")
+        .expect("the site file section")..];
     let start = readme.find("```yaml\n").expect("a yaml example in README") + "```yaml\n".len();
     let end = start + readme[start..].find("```").unwrap();
     if let Err(e) = SiteConfig::from_str("README.md", &readme[start..end]) {
