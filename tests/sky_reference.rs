@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -17,35 +16,7 @@ use site_ems::sky::{clear_sky_ac_w, sun_at, Array, Place};
 
 /// Debian's python3 with a virtualenv holding pvlib, made on first use.
 fn pvlib_python() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pvlib-venv");
-    let python = dir.join("bin/python");
-    let has_pvlib = |p: &Path| {
-        Command::new(p)
-            .args(["-c", "import pvlib"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if python.exists() && has_pvlib(&python) {
-        return python;
-    }
-    let venv = Command::new("/usr/bin/python3")
-        .args(["-m", "venv"])
-        .arg(&dir)
-        .status()
-        .expect("python3 (apt-get install python3-venv)");
-    assert!(
-        venv.success(),
-        "python3 -m venv failed (apt-get install python3-venv)"
-    );
-    let pip = Command::new(&python)
-        .args(["-m", "pip", "install", "--quiet", "pvlib"])
-        .status()
-        .expect("pip in the virtualenv");
-    assert!(
-        pip.success(),
-        "pip install pvlib failed (needs the PyPI registry)"
-    );
-    python
+    common::reference::venv_python("pvlib-venv", "pvlib", "pvlib")
 }
 
 struct Site {

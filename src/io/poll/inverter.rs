@@ -13,7 +13,7 @@ use crate::drivers::sunspec::inverter::{Curtail, InverterModels};
 use crate::drivers::sunspec::points::ModelView;
 use crate::drivers::sunspec::{self, ModelLoc};
 use crate::drivers::{InverterReading, ReadBlock};
-use crate::io::discovery::{discover, read_model, DiscoveryError};
+use crate::io::discovery::{discover, read_model};
 use crate::io::link::{Link, LinkError};
 use crate::io::IoObserver;
 
@@ -229,10 +229,7 @@ impl InverterPoller {
     ) -> Result<InverterReading, PollError> {
         let (link, device, id) = (&self.link, &self.device, self.cfg.unit_id);
         if unit.models.is_none() {
-            let map = discover(link, device, id).await.map_err(|e| match e {
-                DiscoveryError::Link(l) => PollError::Link(l),
-                other => PollError::Discovery(other.to_string()),
-            })?;
+            let map = discover(link, device, id).await?;
             unit.models = Some(InverterModels::from_map(&map).map_err(PollError::Discovery)?);
             unit.map_ids = map.ids();
             unit.common = map.find(&[1]);

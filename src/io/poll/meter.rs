@@ -10,7 +10,7 @@ use crate::drivers::chint::{self, decode_energy, decode_instant, ChintModel};
 use crate::drivers::sunspec::points::ModelView;
 use crate::drivers::sunspec::{self, ModelLoc};
 use crate::drivers::{role_sign, MeterEnergy, MeterReading, ReadBlock, Table};
-use crate::io::discovery::{discover, read_model, DiscoveryError};
+use crate::io::discovery::{discover, read_model};
 use crate::io::link::{Link, LinkError};
 use crate::io::IoObserver;
 
@@ -117,10 +117,7 @@ impl MeterPoller {
         let model = match self.sunspec_model {
             Some(m) => m,
             None => {
-                let map = discover(link, device, unit).await.map_err(|e| match e {
-                    DiscoveryError::Link(l) => PollError::Link(l),
-                    other => PollError::Discovery(other.to_string()),
-                })?;
+                let map = discover(link, device, unit).await?;
                 let m = map.find(&sunspec::meter::METER_IDS).ok_or_else(|| {
                     PollError::Discovery(format!(
                         "no meter model (201–204) among models {:?}",

@@ -42,6 +42,15 @@ pub(super) enum PollError {
     Discovery(String),
 }
 
+impl From<crate::io::discovery::DiscoveryError> for PollError {
+    fn from(e: crate::io::discovery::DiscoveryError) -> PollError {
+        match e {
+            crate::io::discovery::DiscoveryError::Link(l) => PollError::Link(l),
+            other => PollError::Discovery(other.to_string()),
+        }
+    }
+}
+
 impl PollError {
     /// Bounded name of the reason, for status.
     fn kind(&self) -> &'static str {
