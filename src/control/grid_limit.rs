@@ -85,6 +85,54 @@ pub fn predict(units: &[UnitView], net_w: [f64; 3]) -> [f64; 3] {
     g
 }
 
+/// Take back, through the output caps, export that the final setpoints would put over an
+/// export `allowance`. Settling, the direction dwell and register steps move a battery off
+/// what the limits LP planned, and the LP's plan sat at the allowance; a cap below a unit's
+/// planned output has the firmware cut its PV (and then its discharge) to match. Units that
+/// are held are left alone; the others give up output in proportion to what they deliver
+/// (on the phase over, in the per-phase modes). Only caps fall.
+pub fn trim_to_export(
+    units: &mut [UnitView],
+    caps_w: &mut [Option<f64>],
+    net_w: [f64; 3],
+    allowance: Allowance,
+) {
+    let (phase_over, total_over) = excess(predict(units, net_w), allowance, -1.0);
+    let overs: Vec<(Option<usize>, f64)> = match allowance {
+        Allowance::Total(_) => vec![(None, total_over)],
+        Allowance::Phase(_) => (0..3).map(|k| (Some(k), phase_over[k])).collect(),
+    };
+    for (phase, over) in overs {
+        if over <= 0.0 {
+            continue;
+        }
+        let weight = |u: &UnitView| phase.map_or(1.0, |k| u.weight[k]);
+        let gives = |u: &UnitView| u.controllable && !u.held;
+        let out = |u: &UnitView| (u.pv_used_w + u.battery_w).max(0.0);
+        let able: f64 = units
+            .iter()
+            .filter(|u| gives(u))
+            .map(|u| out(u) * weight(u))
+            .sum();
+        if able <= 0.0 {
+            continue;
+        }
+        let share = (over / able).min(1.0);
+        for (u, cap) in units.iter_mut().zip(caps_w.iter_mut()) {
+            if !gives(u) || weight(u) <= 0.0 {
+                continue;
+            }
+            let to_w = out(u) * (1.0 - share);
+            if let Some(c) = cap.as_mut() {
+                *c = c.min(to_w);
+            }
+            // The firmware cuts PV first, then the discharge.
+            u.battery_w = u.battery_w.min(to_w);
+            u.pv_used_w = (to_w - u.battery_w).max(0.0).min(u.pv_used_w);
+        }
+    }
+}
+
 /// How far each phase (or the sum) is over `allowance` in the given direction
 /// (`sign` = −1 for export, +1 for import).
 fn excess(g: [f64; 3], allowance: Allowance, sign: f64) -> ([f64; 3], f64) {

@@ -18,7 +18,7 @@ pub mod stop;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::config::Phase;
+use crate::config::{ConflictPriority, Phase};
 pub use constraints::{Binding, Constraints, FleetTarget, GridCap, Source};
 use grid_limit::Allowance;
 pub use params::{ControlParams, GridLimit, UnitParams};
@@ -402,6 +402,26 @@ pub fn step(p: &ControlParams, s: &Snapshot, prev: &ControlState) -> (Decision, 
                 u.battery_w = sp.battery_w;
             }
             u.pv_used_w = u.pv_used_w.min((sp.output_cap_w - sp.battery_w).max(0.0));
+        }
+    }
+    // Export first (or no import limit to push over): what settling moved off the plan
+    // comes back out of the caps.
+    let export_first =
+        p.conflict_priority == ConflictPriority::Export || in_force.iter().all(|l| l.export);
+    if export_first {
+        let mut caps: Vec<Option<f64>> = setpoints
+            .iter()
+            .map(|s| s.map(|s| s.output_cap_w))
+            .collect();
+        for l in in_force.iter().filter(|l| l.export) {
+            grid_limit::trim_to_export(&mut after, &mut caps, net_w, l.allowance);
+        }
+        for ((sp, cap), up) in setpoints.iter_mut().zip(caps).zip(&p.units) {
+            if let (Some(sp), Some(cap)) = (sp.as_mut(), cap) {
+                if cap < sp.output_cap_w {
+                    sp.output_cap_w = up.quantize(cap.max(0.0));
+                }
+            }
         }
     }
     let predicted_grid_w = grid_limit::predict(&after, net_w);
